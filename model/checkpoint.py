@@ -1,0 +1,143 @@
+"""Checkpoints: one file with the weights and the record a served model must carry.
+
+A checkpoint is written atomically (a temporary file in the same folder, fsync, rename), so a
+reader never sees half a file, and read with ``torch.load(weights_only=True)``, so loading one
+never runs code. The metadata says what the weights are (kind, architecture, classes) and how
+inputs must look (size, normalisation); a file that disagrees with its own record, or with what
+the caller expects, is refused with an error that says which.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.abn import build_abn
+from model.resnet import build_resnet
+
+FORMAT = "abn-checkpoint"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = {"abn": build_abn, "resnet": build_resnet}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, truncated, foreign, or of another model."""
+
+
+def make_meta(
+    kind: str,
+    arch: str,
+    classes: list[str],
+    image_size: int,
+    se: bool = False,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The record every checkpoint carries; `extra` holds parent version, settings, metrics."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
+    return {
+        "kind": kind,
+        "arch": arch,
+        "se": se,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "mean": list(mean),
+        "std": list(std),
+        **extra,
+    }
+
+
+def build_from_meta(meta: dict[str, Any]) -> nn.Module:
+    """An untrained network of the shape the record describes."""
+    return KINDS[meta["kind"]](meta["arch"], len(meta["classes"]), se=bool(meta.get("se")))
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write weights and record to `path` atomically; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "state": state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The record and the raw state dict, checked for format but not built into a model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: truncated or not a checkpoint ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not an {FORMAT} file (a bare state dict or another tool's checkpoint?)"
+        )
+    if payload.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format version {payload.get('format_version')}, expected {FORMAT_VERSION}"
+        )
+    meta = payload["meta"]
+    missing = [k for k in ("kind", "arch", "classes", "image_size", "mean", "std") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
+    return meta, payload["state"]
+
+
+def load_checkpoint(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    expect_kind: str | None = None,
+    expect_arch: str | None = None,
+    expect_classes: list[str] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model in eval mode on `device`, and its record; refuses a checkpoint of another model."""
+    meta, state = read_checkpoint(path)
+    expected = {"kind": expect_kind, "arch": expect_arch, "classes": expect_classes}
+    for key, want in expected.items():
+        if want is not None and meta[key] != (list(want) if key == "classes" else want):
+            raise CheckpointError(f"{path}: {key} is {meta[key]!r}, expected {want!r}")
+    try:
+        model = build_from_meta(meta)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if mismatched or missing or unexpected:
+        detail = "; ".join(
+            f"{label}: {keys[:3]}"
+            for label, keys in (
+                ("shape differs", mismatched),
+                ("missing", missing),
+                ("unexpected", unexpected),
+            )
+            if keys
+        )
+        raise CheckpointError(
+            f"{path}: weights do not fit a {meta['kind']} {meta['arch']} with "
+            f"{len(meta['classes'])} classes ({detail})"
+        )
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
