@@ -1,0 +1,5 @@
+"""`python -m model`: the model library on its own."""
+
+from model.cli import main
+
+main()

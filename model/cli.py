@@ -1,0 +1,174 @@
+"""The model library's commands: train, finetune, explain (also `python -m model`).
+
+`abn` (backend/cli.py) adds the serving commands on top of these; this module never imports
+the backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from PIL import Image
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.data import DatasetError
+from model.decoy_digits import NAME as DECOY_DIGITS
+from model.decoy_digits import build_decoy_digits
+from model.explain import explain, overlay, side_by_side
+from model.maps import load_map_image
+from model.pretrained import PretrainedWeightsError
+from model.resnet import ARCHITECTURES
+from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATA_ROOT = Path("data")
+
+
+def resolve_data(value: str) -> Path:
+    """A dataset directory; the built-in `decoy-digits` is generated under ./data first."""
+    if value == DECOY_DIGITS:
+        return build_decoy_digits(BUILTIN_DATA_ROOT / DECOY_DIGITS)
+    path = Path(value)
+    if not path.is_dir():
+        raise SystemExit(f"error: --data {value}: no such directory (or use {DECOY_DIGITS})")
+    return path
+
+
+def add_device_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
+    """The options every training command shares (design.md)."""
+    add_device_options(parser)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default: 0.1 per 256 images (the ABN paper), scaled to the batch",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes")
+
+
+def config_from(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        image_size=args.image_size,
+        seed=args.seed,
+        device=args.device,
+        workers=args.workers,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    data = resolve_data(args.data)
+    model, meta = train(data, args.arch, args.kind, config_from(args), args.pretrained, args.se)
+    save_checkpoint(args.out, model, meta)
+    print(f"saved {args.out} (test top-1 {meta['metrics']['test_top1']:.4f})")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    data = resolve_data(args.data)
+    model, meta = load_checkpoint(args.checkpoint, expect_kind="abn")
+    config = config_from(args)
+    config.image_size = meta["image_size"]
+    model, meta = finetune(model, meta, data, config, gamma=args.gamma)
+    save_checkpoint(args.out, model, meta)
+    print(f"saved {args.out}")
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    model, meta = load_checkpoint(args.checkpoint, expect_kind="abn")
+    try:
+        with Image.open(args.image) as img:
+            image = img.convert("RGB")
+    except OSError as exc:
+        raise SystemExit(f"error: {args.image}: cannot decode image ({exc})") from exc
+    own = explain(model, meta, image)
+    report = {"image": str(args.image), "own_map": own.top}
+    panels = [image, overlay(image, own.attention)]
+    if args.map:
+        side = own.attention.shape[-1]
+        edited = explain(model, meta, image, load_map_image(args.map, side))
+        report["edited_map"] = edited.top
+        panels.append(overlay(image, edited.attention))
+    out = Path(args.overlay or Path(args.image).with_suffix(".explain.png").name)
+    side_by_side(panels).save(out)
+    report["overlay"] = str(out)
+    for name in ("own_map", "edited_map"):
+        if name in report:
+            ranked = ", ".join(f"{c} {p:.3f}" for c, p in report[name])
+            print(f"{name.replace('_', ' '):>10}: {ranked}")
+    print(f"   overlay: {out}")
+    if args.json:
+        print(json.dumps(report))
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register the model library's commands on a subparser set (shared with `abn`)."""
+    p = sub.add_parser("train", help="train an ABN (or the plain ResNet baseline)")
+    p.add_argument("--data", required=True, help=f"dataset directory, or {DECOY_DIGITS}")
+    p.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
+    p.add_argument("--kind", default="abn", choices=["abn", "resnet"])
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="torchvision weights name (IMAGENET1K_V1) or a local state-dict file",
+    )
+    p.add_argument("--se", action="store_true", help="squeeze-and-excitation blocks (SENet)")
+    p.add_argument("--out", required=True, type=Path)
+    add_training_options(p, epochs=10)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune an ABN's branches with human maps (sec. 4.3)")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True, help=f"dataset directory, or {DECOY_DIGITS}")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="weight of the map loss")
+    add_training_options(p, epochs=5)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("explain", help="top-3 with the model's own map and with an edited one")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--map", type=Path, help="edited map: grayscale image, 255 = attend")
+    p.add_argument("--overlay", type=Path, help="where to write the overlay PNG")
+    p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    p.set_defaults(func=cmd_explain)
+
+
+def configure_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> None:
+    """Run a parsed command; a user's mistake ends with its message, not a traceback."""
+    configure_logging(args.verbose)
+    try:
+        args.func(args)
+    except (CheckpointError, DatasetError, PretrainedWeightsError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_command(build_parser().parse_args(argv))
