@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import nn
@@ -61,23 +63,30 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     return KINDS[meta["kind"]](meta["arch"], len(meta["classes"]), se=bool(meta.get("se")))
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write weights and record to `path` atomically; returns the path."""
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file that appears at `path` complete or not at all (temporary file, fsync, rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "state": state}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write weights and record to `path` atomically; returns the path."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "state": state}
+    with atomic_write(path) as f:
+        torch.save(payload, f)
+    return Path(path)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

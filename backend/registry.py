@@ -1,0 +1,132 @@
+"""Published model versions under MODEL_DIR: what is served, and where each version came from.
+
+Layout::
+
+    MODEL_DIR/versions/v1.pt, v2.pt, ...   checkpoints, each written atomically
+    MODEL_DIR/registry.json               {"current": "v2", "versions": [record, ...]}
+
+The index is replaced atomically under a file lock, so every serving process (any number of
+gunicorn workers, any host that mounts MODEL_DIR) reads either the old index or the new one.
+A version is published only after its checkpoint is complete on disk; a worker killed before
+that point leaves nothing visible. Version numbers only ever grow, so Label Studio, seeing a new
+``model_version``, asks for fresh predictions.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from model.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+
+
+class RegistryError(ValueError):
+    """A version that does not exist, or a registry that cannot be read."""
+
+
+def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never a mix."""
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f, indent=1)
+
+
+class ModelRegistry:
+    """The versions of one deployment, kept as files so that no other service is needed."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        self.root = Path(model_dir)
+        self.versions_dir = self.root / "versions"
+        self.index_path = self.root / "registry.json"
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / "registry.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.index_path.is_file():
+            return {"current": None, "versions": []}
+        try:
+            return json.loads(self.index_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{self.index_path}: unreadable registry ({exc})") from exc
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every published version, oldest first."""
+        return self._read()["versions"]
+
+    def current(self) -> dict[str, Any] | None:
+        """The record of the served version, or None before anything is published."""
+        index = self._read()
+        return self._record(index, index["current"]) if index["current"] else None
+
+    def stamp(self) -> tuple[int, int] | None:
+        """A cheap change detector for pollers: the index file's mtime and size."""
+        try:
+            st = self.index_path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def checkpoint_path(self, version: str) -> Path:
+        return self.versions_dir / f"{version}.pt"
+
+    @staticmethod
+    def _record(index: dict[str, Any], version: str) -> dict[str, Any]:
+        for record in index["versions"]:
+            if record["version"] == version:
+                return record
+        known = ", ".join(r["version"] for r in index["versions"]) or "none"
+        raise RegistryError(f"no published version {version!r} (published: {known})")
+
+    def publish(self, model: nn.Module, meta: dict[str, Any], **record: Any) -> dict[str, Any]:
+        """Write a new version's checkpoint, then make it current; returns its record.
+
+        `record` carries the lineage: parent version, annotation ids, settings, gate metrics.
+        """
+        with self._locked():
+            index = self._read()
+            number = 1 + max((int(r["version"][1:]) for r in index["versions"]), default=0)
+            version = f"v{number}"
+            path = self.checkpoint_path(version)
+            save_checkpoint(path, model, {**meta, "version": version})
+            entry = {
+                "version": version,
+                "path": str(path.relative_to(self.root)),
+                "published_at": time.time(),
+                "parent_version": meta.get("parent_version"),
+                "arch": meta["arch"],
+                "classes": meta["classes"],
+                **record,
+            }
+            index["versions"].append(entry)
+            index["current"] = version
+            write_json_atomically(self.index_path, index)
+            return entry
+
+    def publish_file(self, checkpoint: str | Path, **record: Any) -> dict[str, Any]:
+        """Publish an existing checkpoint file as a version (the first model of a deployment)."""
+        model, meta = load_checkpoint(checkpoint)
+        return self.publish(model, meta, source=str(checkpoint), **record)
+
+    def rollback(self, version: str) -> dict[str, Any]:
+        """Serve an earlier (or any published) version again; its checkpoint must still load."""
+        with self._locked():
+            index = self._read()
+            record = self._record(index, version)
+            read_checkpoint(self.root / record["path"])
+            index["current"] = version
+            write_json_atomically(self.index_path, index)
+            return record
