@@ -156,17 +156,22 @@ class CorrectionStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connect() as db:
-            db.executescript(SCHEMA)
+        self._db().executescript(SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
+    def _db(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections must not cross threads)."""
         db = getattr(self._local, "db", None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             self._local.db = db
+        return db
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: concurrent writers (gunicorn workers) queue on the lock."""
+        db = self._db()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
