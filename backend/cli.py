@@ -1,0 +1,225 @@
+"""`abn`: the model library's commands plus the backend's (run, serve, worker, rollback, ...).
+
+`abn run` is the main job on one machine: an embedded Redis when REDIS_URL is unset, one
+training worker, and the backend; it stops all of them when it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from backend.registry import ModelRegistry
+from backend.settings import Settings
+from model import cli as model_cli
+from model.checkpoint import read_checkpoint, save_checkpoint
+from model.decoy_digits import NAME as DECOY_DIGITS
+from model.train import TrainConfig, train
+
+log = logging.getLogger("abn")
+
+# The model `abn run` trains when it is given none: small enough for a few minutes on a CPU.
+DEFAULT_MODEL = {"epochs": 4, "image_size": 96, "batch_size": 32}
+
+
+def default_checkpoint(settings: Settings) -> Path:
+    """Train the demo model on decoy-digits once; later starts reuse the file."""
+    path = settings.model_dir / "default-decoy-digits.pt"
+    if path.is_file():
+        return path
+    data = model_cli.resolve_data(DECOY_DIGITS)
+    log.info(
+        "no model given and none published: training a default ABN-ResNet18 on %s (%s); "
+        "pass --checkpoint CKPT to serve your own",
+        DECOY_DIGITS,
+        ", ".join(f"{k}={v}" for k, v in DEFAULT_MODEL.items()),
+    )
+    model, meta = train(data, "resnet18", "abn", TrainConfig(**DEFAULT_MODEL))
+    return save_checkpoint(path, model, meta)
+
+
+def ensure_published(settings: Settings, checkpoint: Path | None) -> dict:
+    """The registry's current version; the first start publishes the given (or default) model."""
+    registry = ModelRegistry(settings.model_dir)
+    current = registry.current()
+    if current is not None:
+        if checkpoint is not None:
+            log.info("MODEL_DIR already serves %s; --checkpoint is ignored", current["version"])
+        return current
+    source = checkpoint or default_checkpoint(settings)
+    record = registry.publish_file(source, reason="initial model")
+    log.info("published %s as %s", source, record["version"])
+    return record
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from backend.redis_connection import EmbeddedRedis
+
+    settings = Settings.from_env()
+    current = ensure_published(settings, args.checkpoint)
+    env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
+    with EmbeddedRedis() if not settings.redis_url else contextlib.nullcontext() as redis:
+        if redis is not None:
+            env["REDIS_URL"] = redis.url
+        children = [
+            subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env),
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "backend",
+                    "serve",
+                    "--host",
+                    args.host,
+                    "--port",
+                    str(args.port),
+                    "--workers",
+                    str(args.workers),
+                ],
+                env=env,
+            ),
+        ]
+        print_connection_help(args.host, args.port, current["version"], settings)
+        try:
+            _wait(children)
+        finally:
+            _stop(children)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _wait(children: list[subprocess.Popen]) -> None:
+    """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while all(c.poll() is None for c in children):
+            time.sleep(0.5)
+        dead = [c for c in children if c.poll() is not None]
+        log.error("%s exited with %s; stopping", dead[0].args[-1], dead[0].returncode)
+    except KeyboardInterrupt:
+        log.info("stopping")
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    for child in children:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def print_connection_help(host: str, port: int, version: str, settings: Settings) -> None:
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    auth = "on (BASIC_AUTH_USER)" if settings.auth_enabled else "off"
+    print(
+        f"\nABN backend on http://{shown}:{port}  (model {version}, basic auth {auth})\n"
+        "Connect a Label Studio project:\n"
+        "  1. Settings > Labeling Interface: paste the output of\n"
+        "       abn label-config --checkpoint <the served checkpoint>\n"
+        f"  2. Settings > Model > Connect Model: URL http://{shown}:{port}\n"
+        "     (Label Studio must be started with ML_BLOCK_LOCAL_IP=false and\n"
+        "      SSRF_PROTECTION_ENABLED=false to reach a backend on this machine)\n"
+        "  3. Data Manager > Retrieve Predictions; edit the Attention brush; Submit.\n"
+        "     Settings > Model > Start Training, or let corrections trigger it.\n"
+        "See README.md, 'Connecting Label Studio'. Ctrl-C stops everything.\n",
+        flush=True,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from backend.app import serve
+
+    serve(args.host, args.port, checkpoint=args.checkpoint, workers=args.workers)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    from rq import Worker
+
+    from backend.jobs import QUEUE_NAME
+    from backend.redis_connection import connect
+
+    settings = Settings.from_env()
+    worker = Worker([QUEUE_NAME], connection=connect(settings.redis_url))
+    log.info("training worker listening on %s (queue %s)", settings.redis_url, QUEUE_NAME)
+    worker.work(burst=args.burst, with_scheduler=False)
+
+
+def cmd_label_config(args: argparse.Namespace) -> None:
+    from backend.label_config import label_config_for
+
+    meta, _ = read_checkpoint(args.checkpoint)
+    print(label_config_for(list(meta["classes"])), end="")
+
+
+def cmd_rollback(args: argparse.Namespace) -> None:
+    record = ModelRegistry(Settings.from_env().model_dir).rollback(args.version)
+    print(f"now serving {record['version']} (serving processes switch within seconds)")
+
+
+def cmd_versions(args: argparse.Namespace) -> None:
+    registry = ModelRegistry(Settings.from_env().model_dir)
+    current = registry.current()
+    for record in registry.versions():
+        mark = "*" if current and record["version"] == current["version"] else " "
+        ids = record.get("annotation_ids") or []
+        print(
+            f"{mark} {record['version']:>5}  parent {record.get('parent_version') or '-':>5}  "
+            f"{len(ids):>4} corrections  {record.get('reason', '')}"
+        )
+
+
+def add_serving_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, default=9090)
+    parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="model to serve while MODEL_DIR holds no published version"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abn", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_cli.add_commands(sub)
+
+    p = sub.add_parser("run", help="backend + worker + embedded Redis: the main job")
+    add_serving_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("serve", help="the backend alone (gunicorn)")
+    add_serving_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("worker", help="the training worker alone (RQ)")
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("label-config", help="the Label Studio config for a model's classes")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.set_defaults(func=cmd_label_config)
+
+    p = sub.add_parser("rollback", help="serve an earlier published version again")
+    p.add_argument("version")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("versions", help="list published versions and their lineage")
+    p.set_defaults(func=cmd_versions)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    model_cli.run_command(build_parser().parse_args(argv))
