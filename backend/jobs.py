@@ -33,6 +33,14 @@ def again_key(project: str) -> str:
     return f"abn:training:{project}:again"
 
 
+def alive_key(project: str) -> str:
+    """Refreshed by a running job; gone within HEARTBEAT_TTL of the job's process dying."""
+    return f"abn:training:{project}:alive"
+
+
+HEARTBEAT_TTL = 10
+
+
 class TrainingQueue:
     """RQ behind a small interface: request, flush, release, describe."""
 
@@ -69,8 +77,14 @@ class TrainingQueue:
         if job_id is None:
             return None
         job = Job.fetch(job_id.decode(), connection=self.redis) if self._exists(job_id) else None
-        if job is None or job.get_status(refresh=True) not in ACTIVE:
-            self.redis.delete(job_key(project))  # a finished, failed or lost job holds nothing
+        status = None if job is None else job.get_status(refresh=True)
+        # A job whose worker was killed stays "started" in RQ until the worker's TTL runs out;
+        # its missing heartbeat says it is gone now.
+        killed = status == JobStatus.STARTED and not self.redis.exists(alive_key(project))
+        if status not in ACTIVE or killed:
+            if killed:
+                log.warning("training job %s of project %s lost its worker", job.id, project)
+            self.redis.delete(job_key(project))
             return None
         return job
 
@@ -80,7 +94,7 @@ class TrainingQueue:
     def _enqueue(self, project: str, reason: str) -> str:
         job = self._active_job(project)
         if job is not None:
-            if job.get_status() == JobStatus.STARTED:
+            if job.get_status(refresh=False) == JobStatus.STARTED:
                 self.redis.set(again_key(project), reason)
                 return "again"
             return "folded"
@@ -101,16 +115,19 @@ class TrainingQueue:
 
     def release(self, project: str) -> None:
         """Called by the job as it ends: free the project, and run again if asked meanwhile."""
-        self.redis.delete(job_key(project))
+        self.redis.delete(job_key(project), alive_key(project))
         again = self.redis.getdel(again_key(project))
         if again is not None:
             self.request(project, f"requested while training: {again.decode()}")
+
+    def heartbeat(self, project: str) -> None:
+        self.redis.set(alive_key(project), "1", ex=HEARTBEAT_TTL)
 
     def describe(self) -> dict[str, Any]:
         """Queue length and the jobs of each project, for /status."""
         jobs = []
         for key in self.redis.scan_iter(match=job_key("*")):
-            if key.decode().endswith(":again"):
+            if key.decode().endswith((":again", ":alive")):
                 continue
             job_id = self.redis.get(key)
             if job_id is None or not self._exists(job_id):

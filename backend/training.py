@@ -10,19 +10,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import threading
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from redis.exceptions import RedisError
 from rq import get_current_job
 
 from backend.corrections import Correction, CorrectionStore
 from backend.images import ImageFetchError, ImageLoader
-from backend.jobs import TrainingQueue
+from backend.jobs import HEARTBEAT_TTL, TrainingQueue
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
@@ -210,6 +213,16 @@ def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
     """The RQ entry point. Whatever happens, the project is freed and the outcome recorded."""
     settings = Settings.from_env()
     store = CorrectionStore(settings.model_dir / "corrections.sqlite3")
+    queue = TrainingQueue(connect(settings.redis_url), store)
+    beating = threading.Event()
+
+    def beat() -> None:
+        while not beating.wait(HEARTBEAT_TTL / 3):
+            with contextlib.suppress(RedisError):
+                queue.heartbeat(project)
+
+    queue.heartbeat(project)
+    threading.Thread(target=beat, name="job-heartbeat", daemon=True).start()
     try:
         record = train_project(project, settings, reason)
     except Exception as exc:
@@ -222,6 +235,7 @@ def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
         write_last_result(settings, project, record)
         raise
     finally:
-        TrainingQueue(connect(settings.redis_url), store).release(project)
+        beating.set()
+        queue.release(project)
     write_last_result(settings, project, record)
     return record

@@ -181,12 +181,23 @@ def test_training_requests_fold_into_one_job(redis_url: str, tmp_path: Path) -> 
     job = queue.queue.jobs[0]
     queue.queue.remove(job)  # what a worker does as it starts the job
     job.set_status("started")
+    queue.heartbeat("1")
     assert queue.request("1", "more") == "again"
     assert queue.redis.get(again_key("1")) == b"more"
     queue.release("1")  # the running job ends: it is asked to run once more
     assert queue.redis.get(job_key("1")) not in (None, job.id.encode())
     assert len(queue.queue) == 2
     assert store.pending_requests() == []
+
+
+def test_a_started_job_without_heartbeat_is_taken_as_dead(redis_url: str, tmp_path: Path) -> None:
+    queue = TrainingQueue(connect(redis_url), CorrectionStore(tmp_path / "c.sqlite3"))
+    assert queue.request("1", "START_TRAINING") == "queued"
+    job = queue.queue.jobs[0]
+    queue.queue.remove(job)
+    job.set_status("started")  # ...and its worker was killed: no heartbeat
+    assert queue.request("1", "again") == "queued"
+    assert queue.redis.get(job_key("1")) != job.id.encode()
 
 
 def test_training_requests_wait_for_redis(tmp_path: Path) -> None:
