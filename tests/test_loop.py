@@ -1,0 +1,395 @@
+"""The whole loop with real processes: gunicorn backend, RQ worker, Redis, HTTP in between.
+
+Label Studio's side is played by the fake host of conftest.py (it serves the images) and by
+webhook payloads shaped as Label Studio 1.23.2 sends them (tests/e2e drives the real server).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from backend.brush import encode_rle
+from backend.corrections import CorrectionStore
+from backend.label_config import label_config_for
+from backend.redis_connection import EmbeddedRedis
+from backend.registry import ModelRegistry
+from model import load_checkpoint
+from tests.conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = label_config_for(CLASSES)
+IMAGE_SIZE = (48, 40)  # width, height of the served test images
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@dataclass
+class Loop:
+    """A running deployment: its URL, MODEL_DIR, Redis and processes."""
+
+    base: str
+    model_dir: Path
+    env: dict[str, str]
+    redis: EmbeddedRedis
+    logs: Path
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", *args],
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: a kill reaches RQ's work horse too
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def get(self, path: str) -> dict[str, Any]:
+        return requests.get(self.base + path, timeout=10).json()
+
+    def post(self, path: str, body: Any) -> requests.Response:
+        return requests.post(self.base + path, json=body, timeout=10)
+
+    def version(self) -> str:
+        return self.get("/health")["model_version"]
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.model_dir)
+
+    def store(self) -> CorrectionStore:
+        return CorrectionStore(self.model_dir / "corrections.sqlite3")
+
+
+@pytest.fixture
+def loop(tmp_path: Path, tiny_checkpoint: Path, fake_ls: FakeLabelStudio) -> Iterator[Loop]:
+    model_dir = tmp_path / "model_dir"
+    ModelRegistry(model_dir).publish_file(tiny_checkpoint, reason="initial model")
+    for i in range(12):
+        fake_ls.add(f"/data/upload/1/{i}.png", png_bytes(*IMAGE_SIZE, color=(20 * i, 80, 160)))
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with EmbeddedRedis(tmp_path / "redis") as redis:
+        env = {
+            **os.environ,
+            "REDIS_URL": redis.url,
+            "MODEL_DIR": str(model_dir),
+            "LABEL_STUDIO_URL": fake_ls.url,
+            "LABEL_STUDIO_API_KEY": TOKEN,
+            "ABN_TRAIN_AFTER": "3",
+            "ABN_FINETUNE_EPOCHS": "2",
+            "ABN_SWAP_INTERVAL": "0.2",
+            "ABN_GATE_ACCURACY_MARGIN": "1",
+            "ABN_GATE_MAP_MARGIN": "1",
+            "OMP_NUM_THREADS": "1",
+        }
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        deployment = Loop(f"http://127.0.0.1:{port}", model_dir, env, redis, logs)
+        deployment.start(
+            "serve", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"
+        )
+        try:
+            wait_for(lambda: _up(deployment), 120, "the backend: " + deployment.log("serve"))
+            yield deployment
+        finally:
+            for name in list(deployment.procs):
+                deployment.stop(name)
+
+
+def _up(loop: Loop) -> bool:
+    assert loop.procs["serve"].poll() is None, loop.log("serve")
+    try:
+        return requests.get(loop.base + "/health", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def brush_result(alpha: np.ndarray, origin: str = "prediction-changed") -> dict[str, Any]:
+    height, width = alpha.shape
+    return {
+        "id": "att",
+        "from_name": "attention",
+        "to_name": "image",
+        "type": "brushlabels",
+        "origin": origin,
+        "original_width": width,
+        "original_height": height,
+        "value": {"format": "rle", "rle": encode_rle(alpha), "brushlabels": ["Attention"]},
+    }
+
+
+def annotation_event(
+    aid: int,
+    task: int,
+    alpha: np.ndarray,
+    label: str = "dog",
+    action: str = "ANNOTATION_CREATED",
+    updated_at: str = "2026-11-26T10:00:00Z",
+) -> dict[str, Any]:
+    results = [
+        brush_result(alpha),
+        {
+            "from_name": "class",
+            "to_name": "image",
+            "type": "choices",
+            "value": {"choices": [label]},
+        },
+    ]
+    return {
+        "action": action,
+        "annotation": {"id": aid, "task": task, "result": results, "updated_at": updated_at},
+        "task": {
+            "id": task,
+            "data": {"image": f"/data/upload/1/{task}.png"},
+            "predictions": [{"model_version": "v1"}],
+        },
+        "project": {"id": 1, "label_config": CONFIG},
+    }
+
+
+def left_half(level: int = 255) -> np.ndarray:
+    width, height = IMAGE_SIZE
+    alpha = np.zeros((height, width), dtype=np.uint8)
+    alpha[:, : width // 2] = level
+    return alpha
+
+
+def predict(loop: Loop, task: int = 0) -> dict[str, Any]:
+    body = {
+        "tasks": [{"id": task, "data": {"image": f"/data/upload/1/{task}.png"}}],
+        "label_config": CONFIG,
+        "project": "1.1700000000",
+    }
+    reply = loop.post("/predict", body)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_webhook_to_stored_target(loop: Loop) -> None:
+    reply = loop.post("/webhook", annotation_event(11, 0, left_half()))
+    assert reply.status_code == 200 and reply.json()["stored"] is True
+    assert loop.post("/webhook", annotation_event(11, 0, left_half())).json()["stored"] is False
+    [stored] = loop.store().corrections("1")
+    # 64 px model -> 4x4 map; the left half painted 255 -> two columns of ones.
+    np.testing.assert_allclose(stored.target, np.tile([1.0, 1.0, 0.0, 0.0], (4, 1)), atol=1e-6)
+    assert (stored.label, stored.task_id, stored.model_version) == ("dog", 0, "v1")
+    deleted = {"action": "ANNOTATIONS_DELETED", "annotations": [{"id": 11}], "project": {"id": 1}}
+    assert loop.post("/webhook", deleted).json()["removed"] == 1
+    assert loop.store().corrections("1") == []
+
+
+@pytest.mark.parametrize(
+    "body, status",
+    [
+        ({"action": "ANNOTATION_CREATED", "project": {"id": 1}}, 400),
+        ({"annotation": {}}, 400),
+        ({"action": "ANNOTATIONS_DELETED", "annotations": "7", "project": {"id": 1}}, 400),
+    ],
+)
+def test_malformed_webhooks_are_refused_and_store_nothing(
+    loop: Loop, body: dict, status: int
+) -> None:
+    reply = loop.post("/webhook", body)
+    assert reply.status_code == status and reply.json()["error"]
+    assert loop.store().corrections("1") == []
+
+
+def test_a_corrupt_brush_is_refused(loop: Loop) -> None:
+    event = annotation_event(12, 1, left_half())
+    event["annotation"]["result"][0]["value"]["rle"] = [1, 2, 3]
+    reply = loop.post("/webhook", event)
+    assert reply.status_code == 400 and "brush result 0" in reply.json()["error"]
+    event = annotation_event(13, 1, left_half())
+    event["annotation"]["result"][0]["original_width"] = 47
+    assert loop.post("/webhook", event).status_code == 400
+    assert loop.store().corrections("1") == []
+
+
+def test_corrections_train_publish_and_hot_swap(loop: Loop) -> None:
+    loop.start("worker", "worker")
+    for aid in range(3):
+        reply = loop.post("/webhook", annotation_event(100 + aid, aid, left_half()))
+        assert reply.status_code == 200
+    assert reply.json()["training"] == "queued"  # the third correction triggered it
+    wait_for(lambda: loop.registry().current()["version"] == "v2", 240, "v2: " + loop.log("worker"))
+    record = loop.registry().current()
+    assert record["parent_version"] == "v1"
+    assert set(record["annotation_ids"]) <= {100, 101, 102}
+    wait_for(lambda: loop.version() == "v2", 2.5, "every process to swap to v2")
+    prediction = predict(loop)
+    assert prediction["results"][0]["model_version"] == "v2"
+    versions = [v["version"] for v in loop.get("/versions")["versions"]]
+    assert versions[:2] == ["v1", "v2"]
+    status = loop.get("/status")
+    assert status["model_version"] == "v2"
+    assert status["last_jobs"]["1"]["status"] == "published"
+
+
+def test_a_model_failing_the_gate_is_not_published(loop: Loop) -> None:
+    loop.start("worker", "worker", ABN_GATE_MAP_MARGIN="-1")  # nothing can pass
+    assert loop.post("/webhook", annotation_event(200, 0, left_half())).status_code == 200
+    reply = loop.post("/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
+    assert reply.json()["training"] == "queued"
+    last = wait_for(
+        lambda: loop.get("/status")["last_jobs"].get("1"),
+        240,
+        "the job's result: " + loop.log("worker"),
+    )
+    assert last["status"] == "rejected" and "distance to human maps" in last["reasons"][0]
+    assert loop.registry().current()["version"] == "v1"
+    assert loop.version() == "v1"
+
+
+def test_rollback_over_http_and_cli(loop: Loop, tiny_checkpoint: Path) -> None:
+    model, meta = load_checkpoint(tiny_checkpoint)
+    loop.registry().publish(model, meta, reason="test")
+    wait_for(lambda: loop.version() == "v2", 2.5, "the swap to v2")
+    assert loop.post("/rollback", {"version": "v9"}).status_code == 404
+    reply = loop.post("/rollback", {"version": "v1"})
+    assert reply.status_code == 200, reply.text
+    wait_for(lambda: loop.version() == "v1", 2.5, "the rollback to v1")
+    cli = subprocess.run(
+        [sys.executable, "-m", "backend", "rollback", "v2"],
+        env=loop.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    wait_for(lambda: loop.version() == "v2", 2.5, "the rollback to v2")
+
+
+def test_hot_swap_under_load_drops_nothing(loop: Loop, tiny_checkpoint: Path) -> None:
+    failures: list[str] = []
+    seen: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            body = {
+                "tasks": [{"id": 0, "data": {"image": "/data/upload/1/0.png"}}],
+                "label_config": CONFIG,
+            }
+            try:
+                reply = session.post(loop.base + "/predict", json=body, timeout=30)
+            except requests.RequestException as exc:
+                failures.append(repr(exc))
+                continue
+            if reply.status_code != 200:
+                failures.append(reply.text)
+                continue
+            payload = reply.json()
+            [result] = payload["results"]
+            if not result["result"] or result["model_version"] != payload["model_version"]:
+                failures.append(str(payload)[:300])
+            seen.append((time.monotonic(), result["model_version"]))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        model, meta = load_checkpoint(tiny_checkpoint)
+        loop.registry().publish(model, meta, reason="swap under load")
+        published = time.monotonic()
+        wait_for(lambda: any(v == "v2" for _, v in seen), 5, "a response from v2")
+        time.sleep(2.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    assert {v for _, v in seen} == {"v1", "v2"}
+    late = [v for t, v in seen if t > published + 2.0]
+    assert late and set(late) == {"v2"}
+
+
+def test_worker_killed_mid_job_leaves_the_served_model(loop: Loop) -> None:
+    loop.start("worker", "worker", ABN_FINETUNE_EPOCHS="100000")
+    assert loop.post("/webhook", annotation_event(300, 0, left_half())).status_code == 200
+    loop.post("/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
+
+    def fine_tuning() -> bool:
+        jobs = loop.get("/status")["queue"]["jobs"]
+        return any(j.get("stage") == "fine-tuning" for j in jobs)
+
+    wait_for(fine_tuning, 240, "the job to start fine-tuning: " + loop.log("worker"))
+    loop.stop("worker", signal.SIGKILL)
+    assert loop.registry().current()["version"] == "v1"
+    assert sorted(p.name for p in loop.registry().versions_dir.iterdir()) == ["v1.pt"]
+    assert loop.version() == "v1"
+    # The job can be run again: a new worker, a new request.
+    loop.start("worker2", "worker")
+    time.sleep(11)  # the dead job's heartbeat expires
+    reply = loop.post("/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
+    assert reply.json()["training"] == "queued"
+    wait_for(
+        lambda: loop.registry().current()["version"] == "v2",
+        240,
+        "v2 after the restart: " + loop.log("worker2"),
+    )
+
+
+def test_redis_down_keeps_corrections_and_predictions(loop: Loop) -> None:
+    loop.redis.stop_server()
+    reply = loop.post("/webhook", annotation_event(400, 0, left_half()))
+    assert reply.status_code == 200 and reply.json()["stored"] is True
+    reply = loop.post("/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
+    assert reply.status_code == 200 and reply.json()["training"] == "deferred"
+    assert predict(loop)["results"][0]["result"]
+    assert loop.store().pending_requests() == [("1", "START_TRAINING")]
+    loop.redis.start_server()
+    wait_for(lambda: loop.store().pending_requests() == [], 10, "the deferred request to go")
+    loop.start("worker", "worker")
+    wait_for(
+        lambda: loop.registry().current()["version"] == "v2",
+        240,
+        "v2 after Redis came back: " + loop.log("worker"),
+    )
