@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
 
 from backend.brush import encode_rle
 from backend.corrections import CorrectionStore
@@ -27,7 +28,6 @@ from backend.label_config import label_config_for
 from backend.redis_connection import EmbeddedRedis
 from backend.registry import ModelRegistry
 from model import load_checkpoint
-from tests.conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = label_config_for(CLASSES)

@@ -1,0 +1,559 @@
+"""The HTTP side of the backend: the Label Studio ML protocol, status and metrics.
+
+Routes (``docs/label-studio.md`` has the protocol as Label Studio 1.23.2 calls it):
+
+- ``GET /health``: JSON liveness with the served version (plain text fails the connection);
+- ``POST /setup``: checks the project's label config against the served model, remembers the
+  project's Label Studio host and token (for images), answers ``{"model_version"}``;
+- ``POST /predict``: one entry per task, in order; tasks go through the model in batches; a task
+  whose image fails gets an empty entry and the others are still predicted;
+- ``POST /webhook``: acknowledges every action; handlers per action are registered in
+  ``app.extensions["abn"].webhook_handlers`` (the corrections store plugs in there);
+- ``GET /versions``, ``GET /status``, ``GET /metrics`` (Prometheus text).
+
+With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set, every route needs HTTP basic auth. Label
+Studio sends webhooks without it, so on /setup the backend adds the ``Authorization`` header to
+the project webhook Label Studio created for it (``PATCH /api/webhooks/{id}``), using the
+project's token; ``label_config/README.md`` gives the manual step for when that cannot work.
+
+Bad input never becomes a 500: malformed JSON, missing fields and wrong types are 400s with a
+JSON message, which is also put in the HTTP reason phrase, because that is the only part of an
+error reply Label Studio shows its user.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from backend.images import ImageFetchError, ImageLoader, LabelStudioConnection, LoadedImage
+from backend.label_config import LabelConfigError, check_config, default_targets
+from backend.metrics import Metrics
+from backend.predictions import empty_prediction, to_label_studio
+from backend.serving import ServedModel, Snapshot
+from backend.settings import Settings, SettingsError
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+FETCH_THREADS = 8
+
+WebhookHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
+
+
+class RequestError(ValueError):
+    """A request the backend refuses with a 400 and this message."""
+
+
+@dataclass
+class BackendState:
+    """Everything a request needs, built once per process by :func:`create_app`."""
+
+    settings: Settings
+    served: ServedModel
+    loader: ImageLoader
+    metrics: Metrics
+    fetch_pool: ThreadPoolExecutor
+    webhook_handlers: dict[str, WebhookHandler] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.time)
+    webhook_auth: WebhookAuthorizer | None = None
+
+
+def create_app(
+    settings: Settings | None = None,
+    served: ServedModel | None = None,
+    loader: ImageLoader | None = None,
+) -> Flask:
+    """The Flask application; loads the model here (once per process) unless `served` is given."""
+    settings = settings or Settings.from_env()
+    if served is None:
+        served = ServedModel.from_checkpoint(
+            model_to_serve(settings), device=settings.device, batch_size=settings.batch_size
+        )
+    state = BackendState(
+        settings=settings,
+        served=served,
+        loader=loader or ImageLoader(settings),
+        metrics=Metrics(),
+        fetch_pool=ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="abn-fetch"),
+    )
+    if settings.auth_enabled:
+        state.webhook_auth = WebhookAuthorizer(
+            _basic_header(settings.basic_auth_user or "", settings.basic_auth_pass or "")
+        )
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.extensions["abn"] = state
+
+    @app.before_request
+    def _before() -> Response | None:
+        g.started = time.perf_counter()
+        if settings.auth_enabled and not _authorized(settings):
+            response = _error(401, "authentication required (HTTP basic auth)")
+            response.headers["WWW-Authenticate"] = 'Basic realm="abn-backend"'
+            return response
+        return None
+
+    @app.after_request
+    def _after(response: Response) -> Response:
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        state.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        started = g.get("started")
+        if started is not None:
+            state.metrics.latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.errorhandler(RequestError)
+    def _bad_request(exc: RequestError) -> Response:
+        return _error(400, str(exc))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(status="UP", model_class="ABN", model_version=state.served.version)
+
+    @app.post("/setup")
+    def setup() -> Response:
+        body = _json_object()
+        schema = _field(body, "schema", str)
+        project = _optional(body, "project", (str, int))
+        hostname = _optional(body, "hostname", str)
+        token = _optional(body, "access_token", str)
+        snap = state.served.snapshot  # one read: the classes checked are the version answered
+        try:
+            check_config(schema, snap.classes)
+        except LabelConfigError as exc:
+            log.warning("setup refused for project %s: %s", project, exc)
+            return _error(400, f"label config refused: {exc}")
+        if hostname:
+            if not re.match(r"^https?://[^\s/]+", hostname):
+                raise RequestError(f"hostname must be an http(s) URL, got {hostname!r}")
+            state.loader.connections.remember(project, hostname, token)
+        if state.webhook_auth is not None:
+            conn = state.loader.connection_for(project)
+            key = state.loader.connections.project_key(project)
+            if conn is not None and conn.token and key and key.isdigit():
+                state.webhook_auth.ensure(conn, key, request.url_root.rstrip("/") + "/webhook")
+        return jsonify(model_version=snap.version)
+
+    @app.post("/predict")
+    def predict() -> Response:
+        body = _json_object()
+        tasks = _field(body, "tasks", list)
+        for i, task in enumerate(tasks):
+            if not isinstance(task, dict):
+                raise RequestError(f"tasks[{i}] must be an object, got {_type(task)}")
+            if not isinstance(task.get("data"), dict):
+                raise RequestError(
+                    f"tasks[{i}].data must be an object, got {_type(task.get('data'))}"
+                )
+        label_config = _optional(body, "label_config", str)
+        project = _optional(body, "project", (str, int))
+        snap = state.served.snapshot
+        try:
+            targets = (
+                check_config(label_config, snap.classes)
+                if label_config
+                else default_targets(snap.classes)
+            )
+        except LabelConfigError as exc:
+            return _error(400, f"label config refused: {exc}")
+        results = predict_tasks(state, tasks, targets, snap, project)
+        return jsonify(results=results, model_version=snap.version)
+
+    @app.post("/webhook")
+    def webhook() -> Response:
+        payload = _json_object()
+        action = _field(payload, "action", str)
+        return jsonify(handle_webhook(state, action, payload))
+
+    @app.get("/versions")
+    def versions() -> Response:
+        return jsonify(versions=[state.served.version])
+
+    @app.get("/status")
+    def status() -> Response:
+        return jsonify(
+            status="UP",
+            model_version=state.served.version,
+            model=state.served.info(),
+            pid=os.getpid(),
+            uptime_s=round(time.time() - state.started_at, 1),
+            auth=settings.auth_enabled,
+            queue=None,
+            job=None,
+        )
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, content_type=content_type)
+
+    return app
+
+
+def model_to_serve(settings: Settings) -> Path:
+    """The registry's current version if MODEL_DIR has published one, else the checkpoint.
+
+    As ``design.md`` has it: ``--checkpoint`` is the model served while MODEL_DIR holds no
+    published version. (Following later publications while running is the hot-swap's job:
+    :meth:`ServedModel.swap`.)
+    """
+    if (settings.model_dir / "registry.json").is_file():
+        from backend.registry import ModelRegistry
+
+        registry = ModelRegistry(settings.model_dir)
+        current = registry.current()
+        if current is not None:
+            return registry.checkpoint_path(current["version"])
+    if settings.checkpoint is None:
+        raise SettingsError(
+            f"no model to serve: {settings.model_dir} has no published version; "
+            "pass --checkpoint CKPT or set ABN_CHECKPOINT"
+        )
+    return settings.checkpoint
+
+
+# ---------------------------------------------------------------------------- prediction
+
+
+def predict_tasks(
+    state: BackendState,
+    tasks: list[dict[str, Any]],
+    targets: Any,
+    snap: Snapshot,
+    project: object = None,
+) -> list[dict[str, Any]]:
+    """One Label Studio prediction per task, in order, all from snapshot `snap`.
+
+    Tasks are handled a batch at a time (fetch the batch's images in parallel, one forward
+    pass, encode), so memory stays bounded however many tasks a request carries.
+    """
+    settings = state.settings
+    metrics = state.metrics
+    results: list[dict[str, Any]] = [empty_prediction(snap.version) for _ in tasks]
+    batch = max(1, settings.batch_size)
+    for start in range(0, len(tasks), batch):
+        chunk = list(enumerate(tasks[start : start + batch], start))
+        started = time.perf_counter()
+        if len(chunk) == 1:
+            loaded = [_load_task_image(state, chunk[0][1], targets.data_key, project)]
+        else:
+            loaded = list(
+                state.fetch_pool.map(
+                    lambda item: _load_task_image(state, item[1], targets.data_key, project),
+                    chunk,
+                )
+            )
+        ready: list[tuple[int, LoadedImage]] = []
+        for (index, task), outcome in zip(chunk, loaded, strict=True):
+            if isinstance(outcome, ImageFetchError):
+                log.warning("task %s: %s", task.get("id", f"#{index}"), outcome)
+                metrics.count_error(outcome.reason)
+            else:
+                ready.append((index, outcome))
+        fetched = time.perf_counter()
+        metrics.stage_latency.labels("fetch").observe(fetched - started)
+        if not ready:
+            continue
+        predictions = state.served.predict([img.image for _, img in ready], snapshot=snap)
+        predicted = time.perf_counter()
+        metrics.stage_latency.labels("model").observe(predicted - fetched)
+        metrics.batch_latency.observe(predicted - fetched)
+        metrics.batch_size.observe(len(ready))
+        for (index, img), prediction in zip(ready, predictions, strict=True):
+            results[index] = to_label_studio(
+                prediction, img.width, img.height, targets, settings.brush_levels
+            )
+        metrics.stage_latency.labels("encode").observe(time.perf_counter() - predicted)
+        metrics.predictions.labels(snap.version).inc(len(ready))
+    return results
+
+
+def _load_task_image(
+    state: BackendState, task: dict[str, Any], key: str, project: object
+) -> LoadedImage | ImageFetchError:
+    """The task's image, or the error that says why there is none (never raises)."""
+    url = task["data"].get(key)
+    if url is None:
+        return ImageFetchError(f"task data has no {key!r} field", "missing")
+    if not isinstance(url, str):
+        return ImageFetchError(
+            f"task data {key!r} must be a URL string, got {_type(url)}", "missing"
+        )
+    try:
+        return state.loader.load(url, project, task.get("id"))
+    except ImageFetchError as exc:
+        return exc
+    except Exception as exc:  # a loader bug must not sink the other tasks of the batch
+        log.exception("task %s: unexpected error loading %s", task.get("id"), url[:200])
+        return ImageFetchError(f"unexpected error: {type(exc).__name__}: {exc}", "internal")
+
+
+# ---------------------------------------------------------------------------- webhooks
+
+
+def handle_webhook(state: BackendState, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Acknowledge `action`; run its registered handler, if any. Must stay fast (1 s timeout)."""
+    state.metrics.count_webhook(action)
+    handler = state.webhook_handlers.get(action)
+    reply: dict[str, Any] = {"status": "ok", "action": action, "handled": handler is not None}
+    if handler is not None:
+        reply.update(handler(payload) or {})
+    return reply
+
+
+class WebhookAuthorizer:
+    """Adds the backend's basic-auth header to the project webhook Label Studio made for it.
+
+    Label Studio creates the webhook ``<backend url>/webhook`` only after the connection's
+    first /setup succeeds, and sends it without auth; so this polls for it in a background
+    thread (the /setup reply must not wait) and patches its headers once.
+    """
+
+    def __init__(self, header: str, attempts: int = 20, delay: float = 1.5) -> None:
+        self.header = header
+        self.attempts = attempts
+        self.delay = delay
+        self._seen: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+
+    def ensure(self, conn: LabelStudioConnection, project_id: str, webhook_url: str) -> None:
+        """Start the background fix for this project and URL, once per process."""
+        key = (conn.url, project_id, webhook_url)
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        threading.Thread(
+            target=self._run, args=(conn, project_id, webhook_url, key), daemon=True
+        ).start()
+
+    def _run(
+        self, conn: LabelStudioConnection, project_id: str, url: str, key: tuple[str, str, str]
+    ) -> None:
+        try:
+            for _ in range(self.attempts):
+                if self.authorize(conn, project_id, url):
+                    return
+                time.sleep(self.delay)
+            log.warning(
+                "no webhook %s found in project %s: add the header Authorization: Basic ... "
+                "to it by hand (label_config/README.md)",
+                url,
+                project_id,
+            )
+        except Exception as exc:
+            log.warning("cannot add auth to the webhook of project %s: %s", project_id, exc)
+        with self._lock:  # let a later /setup try again
+            self._seen.discard(key)
+
+    def authorize(self, conn: LabelStudioConnection, project_id: str, url: str) -> bool:
+        """Patch the webhook whose URL is `url`; True when it is done (or already was)."""
+        headers = {**conn.auth_header(), "Content-Type": "application/json"}
+        listing = requests.get(
+            f"{conn.url}/api/webhooks/", params={"project": project_id}, headers=headers, timeout=5
+        )
+        listing.raise_for_status()
+        hooks = listing.json()
+        if isinstance(hooks, dict):
+            hooks = hooks.get("results", [])
+        want = url.rstrip("/")
+        done = False
+        for hook in hooks:
+            if not isinstance(hook, dict) or str(hook.get("url", "")).rstrip("/") != want:
+                continue
+            current = hook.get("headers") or {}
+            if current.get("Authorization") != self.header:
+                patched = requests.patch(
+                    f"{conn.url}/api/webhooks/{hook['id']}/",
+                    headers=headers,
+                    data=json.dumps({"headers": {**current, "Authorization": self.header}}),
+                    timeout=5,
+                )
+                patched.raise_for_status()
+                log.info("added basic auth to webhook %s of project %s", want, project_id)
+            done = True
+        return done
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _authorized(settings: Settings) -> bool:
+    """Constant-time check of both user and password (both are compared, always)."""
+    auth = request.authorization
+    user = (auth.username or "") if auth and auth.type == "basic" else ""
+    password = (auth.password or "") if auth and auth.type == "basic" else ""
+    ok_user = hmac.compare_digest(user.encode(), (settings.basic_auth_user or "").encode())
+    ok_pass = hmac.compare_digest(password.encode(), (settings.basic_auth_pass or "").encode())
+    return ok_user and ok_pass
+
+
+def _basic_header(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def _error(status: int, message: str) -> Response:
+    """A JSON error whose HTTP reason phrase repeats the message (Label Studio shows only that)."""
+    response = jsonify(error=message, status=status)
+    reason = re.sub(r"[^\x20-\x7e]", "?", message)[:300]
+    response.status = f"{status} {reason}" if reason else str(status)
+    return response
+
+
+def _json_object() -> dict[str, Any]:
+    """The body as a JSON object, or a RequestError that says what is wrong with it."""
+    raw = request.get_data(cache=False)
+    if not raw:
+        raise RequestError("the request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise RequestError(f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the body must be a JSON object, got {_type(body)}")
+    return body
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if name not in body or body[name] is None:
+        raise RequestError(f"missing field {name!r}")
+    return _check_type(body, name, kind)
+
+
+def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    if body.get(name) is None:
+        return None
+    return _check_type(body, name, kind)
+
+
+def _check_type(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = body[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        want = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
+        raise RequestError(f"field {name!r} must be {want}, got {_type(value)}")
+    return value
+
+
+_JSON_NAMES = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
+
+
+def _type(value: object) -> str:
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
+
+
+# ---------------------------------------------------------------------------- gunicorn
+
+
+def serve(
+    host: str = "0.0.0.0",
+    port: int = 9090,
+    checkpoint: str | Path | None = None,
+    workers: int = 1,
+    *,
+    threads: int = 4,
+    timeout: int = 300,
+    settings: Settings | None = None,
+) -> None:
+    """Run the backend under gunicorn (``abn serve``); blocks until gunicorn exits.
+
+    Each worker builds its own app, so the model is loaded once per worker process, after the
+    fork (no torch state is shared across a fork). With several workers, Prometheus metrics go
+    through a multiprocess folder so that /metrics sums all workers.
+    """
+    from gunicorn.app.base import BaseApplication
+
+    from backend import metrics as metrics_mod
+    from model.checkpoint import read_checkpoint
+
+    settings = settings or Settings.from_env()
+    if checkpoint is not None:
+        settings = settings.replace(checkpoint=Path(checkpoint))
+    source = model_to_serve(settings)
+    meta, _ = read_checkpoint(source)  # fail here, once, rather than in every worker
+    if meta.get("kind") != "abn":
+        raise SettingsError(f"{source} is a {meta.get('kind')!r} checkpoint; serving needs an ABN")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        )
+
+    workers = max(1, int(workers))
+    metrics_dir = None
+    if workers > 1 and not metrics_mod.multiprocess_dir():
+        metrics_dir = tempfile.mkdtemp(prefix="abn-metrics-")
+        metrics_mod.enable_multiprocess(metrics_dir)
+    torch_threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def post_fork(server: Any, worker: Any) -> None:
+        import torch
+
+        torch.set_num_threads(torch_threads)
+
+    def child_exit(server: Any, worker: Any) -> None:
+        metrics_mod.mark_worker_dead(worker.pid)
+
+    def on_exit(server: Any) -> None:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    options = {
+        "bind": bind,
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": max(1, int(threads)),
+        "timeout": timeout,
+        "graceful_timeout": 30,
+        "post_fork": post_fork,
+        "child_exit": child_exit,
+        "on_exit": on_exit,
+    }
+
+    class _Application(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Flask:
+            return create_app(settings)
+
+    log.info("serving %s on %s with %d worker(s)", source, bind, workers)
+    _Application().run()

@@ -1,0 +1,188 @@
+"""The labeling config this backend needs, generated from a model and checked at /setup.
+
+What a project needs (``label_config/README.md`` for project managers):
+
+- an ``<Image>`` the predictions are drawn on;
+- a ``<BrushLabels>`` over that image with a label ``Attention``: the attention map arrives
+  there as a graded brush the annotator edits;
+- a ``<Choices>`` over that image whose choices are exactly the model's classes;
+- optionally a ``<TextArea>`` over that image (``top3`` in the generated config): the
+  backend writes the top-3 classes with their probabilities into it, one line each.
+
+Other tags may sit beside these. Names are free: the backend reads them from the config, so
+predictions follow whatever the project calls its controls.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+from xml.sax.saxutils import quoteattr
+
+from label_studio_sdk.label_interface import LabelInterface
+
+ATTENTION_LABEL = "Attention"
+MAX_CONFIG_CHARS = 1_000_000  # real configs are a few KB; parsed configs are cached
+ATTENTION_COLOR = "#ff2d55"
+
+
+class LabelConfigError(ValueError):
+    """A labeling config the backend cannot predict for; the message says what to add or fix."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Where each part of a prediction goes in a project's config."""
+
+    image: str  # name of the <Image> object (results' to_name)
+    data_key: str  # task data field holding the image URL ($image -> "image")
+    brush: str  # name of the <BrushLabels> control
+    label: str  # the brush label value, "Attention" (or its alias)
+    choices: str  # name of the <Choices> control
+    top3: str | None  # name of the <TextArea> for the top-3, if the config has one
+
+
+def label_config_for(
+    classes: list[str],
+    *,
+    image: str = "image",
+    brush: str = "attention",
+    choices: str = "class",
+    top3: str = "top3",
+) -> str:
+    """The config a project manager pastes into Label Studio for a model with `classes`."""
+    if not classes:
+        raise ValueError("a label config needs at least one class")
+    choice_lines = "\n".join(f"    <Choice value={quoteattr(str(c))}/>" for c in classes)
+    return (
+        "<View>\n"
+        f'  <Image name={quoteattr(image)} value={quoteattr("$" + image)} zoom="true"/>\n'
+        f'  <Header value="Where the model looks (edit the brush where it is wrong)"/>\n'
+        f"  <BrushLabels name={quoteattr(brush)} toName={quoteattr(image)}>\n"
+        f"    <Label value={quoteattr(ATTENTION_LABEL)} background={quoteattr(ATTENTION_COLOR)}/>\n"
+        "  </BrushLabels>\n"
+        '  <Header value="Class"/>\n'
+        f'  <Choices name={quoteattr(choices)} toName={quoteattr(image)} choice="single" '
+        'showInline="true">\n'
+        f"{choice_lines}\n"
+        "  </Choices>\n"
+        '  <Header value="Model: top-3 classes"/>\n'
+        f'  <TextArea name={quoteattr(top3)} toName={quoteattr(image)} editable="false" '
+        'rows="3"/>\n'
+        "</View>\n"
+    )
+
+
+def default_targets(classes: list[str]) -> Targets:
+    """The targets of :func:`label_config_for`, for a /predict that sends no config."""
+    return targets_for(label_config_for(classes), tuple(classes))
+
+
+def parse_config(config: str) -> LabelInterface:
+    """Parse with the SDK, refusing DTDs (no entity expansion from a request body)."""
+    if not isinstance(config, str) or not config.strip():
+        raise LabelConfigError("the label config is empty")
+    if len(config) > MAX_CONFIG_CHARS:
+        raise LabelConfigError(
+            f"the label config has {len(config)} characters, more than {MAX_CONFIG_CHARS}"
+        )
+    if "<!DOCTYPE" in config.upper() or "<!ENTITY" in config.upper():
+        raise LabelConfigError("the label config must not contain a DOCTYPE or ENTITY declaration")
+    try:
+        return LabelInterface(config)
+    except Exception as exc:  # the SDK raises bare Exceptions for XML errors
+        raise LabelConfigError(f"the label config is not valid XML: {exc}") from exc
+
+
+@functools.lru_cache(maxsize=64)
+def targets_for(config: str, classes: tuple[str, ...]) -> Targets:
+    """Check `config` against a model with `classes`; say where predictions go.
+
+    Cached: Label Studio sends the same config with every /setup and /predict.
+    """
+    li = parse_config(config)
+    images = [o for o in list(li.objects or []) if o.tag.lower() == "image"]
+    if not images:
+        raise LabelConfigError(
+            'the label config has no <Image> tag: add <Image name="image" value="$image"/>'
+        )
+    controls = list(li.controls or [])
+
+    brushes = [c for c in controls if c.tag.lower() == "brushlabels"]
+    if not brushes:
+        raise LabelConfigError(
+            'the label config has no <BrushLabels> tag: add <BrushLabels name="attention" '
+            f'toName="{images[0].name}"><Label value="{ATTENTION_LABEL}"/></BrushLabels>'
+        )
+    with_label = [c for c in brushes if ATTENTION_LABEL in _label_names(c)]
+    if not with_label:
+        names = ", ".join(f'<BrushLabels name="{c.name}">' for c in brushes)
+        raise LabelConfigError(
+            f'{names} has no <Label value="{ATTENTION_LABEL}"/>: add that label; '
+            "the attention map is predicted under it"
+        )
+    brush = with_label[0]
+    image_names = {o.name for o in images}
+    brush_images = [n for n in brush.to_name if n in image_names]
+    if not brush_images:
+        raise LabelConfigError(
+            f'<BrushLabels name="{brush.name}"> must point at an <Image> '
+            f'(toName="{images[0].name}")'
+        )
+    image = li.get_object(brush_images[0])
+
+    choices_all = [c for c in controls if c.tag.lower() == "choices"]
+    choices_here = [c for c in choices_all if image.name in c.to_name]
+    if not choices_here:
+        raise LabelConfigError(
+            f'the label config has no <Choices> tag over the image "{image.name}": add '
+            f'<Choices name="class" toName="{image.name}"> with one <Choice> per class '
+            f"({', '.join(classes)})"
+        )
+    wanted = set(classes)
+    best = None
+    problems = []
+    for control in choices_here:
+        have = _label_names(control)
+        missing = [c for c in classes if c not in have]
+        extra = [c for c in have if c not in wanted]
+        if not missing and not extra:
+            best = control
+            break
+        detail = []
+        if missing:
+            detail.append(f"lacks the model's classes: {', '.join(missing)}")
+        if extra:
+            detail.append(f"has classes the model does not know: {', '.join(extra)}")
+        problems.append(f'<Choices name="{control.name}"> ' + " and ".join(detail))
+    if best is None:
+        raise LabelConfigError(
+            "; ".join(problems) + f" (the model's classes are: {', '.join(classes)})"
+        )
+
+    top3 = next(
+        (c.name for c in controls if c.tag.lower() == "textarea" and image.name in c.to_name),
+        None,
+    )
+    value = image.value or ""
+    return Targets(
+        image=image.name,
+        data_key=value[1:] if value.startswith("$") else value,
+        brush=brush.name,
+        label=ATTENTION_LABEL,
+        choices=best.name,
+        top3=top3,
+    )
+
+
+def check_config(config: str, classes: list[str]) -> Targets:
+    """What /setup calls: the targets, or a :class:`LabelConfigError` naming what is missing."""
+    if not isinstance(config, str):
+        raise LabelConfigError(f"the label config must be a string, got {type(config).__name__}")
+    return targets_for(config, tuple(classes))
+
+
+def _label_names(control: Any) -> list[str]:
+    """A control's label values (alias where given, as results carry them), in config order."""
+    return list(control.labels or [])

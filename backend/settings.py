@@ -1,0 +1,163 @@
+"""Every environment setting of the backend, read in one place.
+
+The names the v2 Label Studio ML backends use (``REDIS_URL``, ``MODEL_DIR``,
+``LABEL_STUDIO_URL``, ``LABEL_STUDIO_API_KEY``, ``BASIC_AUTH_USER``, ``BASIC_AUTH_PASS``) keep
+their meaning; everything specific to this backend starts with ``ABN_``. A value that cannot be
+parsed is refused at start-up with the variable's name, rather than surfacing later as a
+confusing failure inside a request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_DIR = Path("runs") / "model_dir"
+
+
+class SettingsError(ValueError):
+    """An environment variable with a value the backend cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The backend's configuration: :meth:`from_env` builds it, :meth:`replace` changes it."""
+
+    # Shared with the v2 ML backends.
+    redis_url: str | None = None
+    model_dir: Path = DEFAULT_MODEL_DIR
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    basic_auth_user: str | None = None
+    basic_auth_pass: str | None = None
+
+    # Serving.
+    checkpoint: Path | None = None  # ABN_CHECKPOINT: served while MODEL_DIR holds no version
+    device: str = "cpu"  # ABN_DEVICE
+    batch_size: int = 8  # ABN_BATCH_SIZE: images per forward pass (8 is best on CPU)
+    brush_levels: int = 8  # ABN_BRUSH_LEVELS: alpha levels of the attention brush (2..256)
+
+    # Image fetching.
+    image_max_bytes: int = 32 * 1024 * 1024  # ABN_IMAGE_MAX_BYTES
+    image_max_pixels: int = 64_000_000  # ABN_IMAGE_MAX_PIXELS (decompression bombs)
+    image_timeout: float = 15.0  # ABN_IMAGE_TIMEOUT: seconds per image, connect + read
+    image_allowed_hosts: tuple[str, ...] = ()  # ABN_IMAGE_ALLOWED_HOSTS: "host[:port],*.dom"
+    image_cache_dir: Path | None = None  # ABN_IMAGE_CACHE_DIR; default MODEL_DIR/cache/images
+    image_cache: bool = True  # ABN_IMAGE_CACHE=0 turns the on-disk cache off
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from `env` (default: ``os.environ``); unset or empty means default."""
+        env = os.environ if env is None else env
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        defaults = cls()
+        model_dir = Path(get("MODEL_DIR") or defaults.model_dir)
+        checkpoint = get("ABN_CHECKPOINT")
+        cache_dir = get("ABN_IMAGE_CACHE_DIR")
+        hosts = get("ABN_IMAGE_ALLOWED_HOSTS") or ""
+        settings = cls(
+            redis_url=get("REDIS_URL"),
+            model_dir=model_dir,
+            label_studio_url=_url(get("LABEL_STUDIO_URL"), "LABEL_STUDIO_URL"),
+            label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
+            basic_auth_user=get("BASIC_AUTH_USER"),
+            basic_auth_pass=get("BASIC_AUTH_PASS"),
+            checkpoint=Path(checkpoint) if checkpoint else None,
+            device=get("ABN_DEVICE") or defaults.device,
+            batch_size=_int(env, "ABN_BATCH_SIZE", defaults.batch_size, 1, 4096),
+            brush_levels=_int(env, "ABN_BRUSH_LEVELS", defaults.brush_levels, 2, 256),
+            image_max_bytes=_int(env, "ABN_IMAGE_MAX_BYTES", defaults.image_max_bytes, 1, 2**40),
+            image_max_pixels=_int(env, "ABN_IMAGE_MAX_PIXELS", defaults.image_max_pixels, 1, 2**28),
+            image_timeout=_float(env, "ABN_IMAGE_TIMEOUT", defaults.image_timeout),
+            image_allowed_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
+            image_cache_dir=Path(cache_dir) if cache_dir else None,
+            image_cache=_bool(env, "ABN_IMAGE_CACHE", defaults.image_cache),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """Refuse combinations that would fail later (one half of basic auth, bad levels)."""
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise SettingsError(
+                "BASIC_AUTH_USER and BASIC_AUTH_PASS must be set together (or both left unset)"
+            )
+        if not 2 <= self.brush_levels <= 256:
+            raise SettingsError(f"ABN_BRUSH_LEVELS must be in 2..256, got {self.brush_levels}")
+        if self.batch_size < 1:
+            raise SettingsError(f"ABN_BATCH_SIZE must be at least 1, got {self.batch_size}")
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with `changes` applied (command-line options override the environment)."""
+        new = dataclasses.replace(self, **changes)
+        new.check()
+        return new
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether every route requires HTTP basic auth."""
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @property
+    def resolved_image_cache_dir(self) -> Path | None:
+        """Where fetched images are cached, or None when the cache is off."""
+        if not self.image_cache:
+            return None
+        return self.image_cache_dir or self.model_dir / "cache" / "images"
+
+    @property
+    def projects_dir(self) -> Path:
+        """Per-project connection records (host, token) that /setup received."""
+        return self.model_dir / "projects"
+
+
+def _url(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    if not value.startswith(("http://", "https://")):
+        raise SettingsError(f"{name} must be an http(s) URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number, got {raw!r}") from None
+    if not value > 0:
+        raise SettingsError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be a boolean (1/0, true/false), got {raw!r}")
