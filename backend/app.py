@@ -7,9 +7,10 @@ Routes (``docs/label-studio.md`` has the protocol as Label Studio 1.23.2 calls i
   project's Label Studio host and token (for images), answers ``{"model_version"}``;
 - ``POST /predict``: one entry per task, in order; tasks go through the model in batches; a task
   whose image fails gets an empty entry and the others are still predicted;
-- ``POST /webhook``: acknowledges every action; handlers per action are registered in
-  ``app.extensions["abn"].webhook_handlers`` (the corrections store plugs in there);
-- ``GET /versions``, ``GET /status``, ``GET /metrics`` (Prometheus text).
+- ``POST /webhook``: acknowledges every action; annotation events become stored corrections,
+  ``START_TRAINING`` and enough new corrections queue a fine-tuning job (``backend/loop.py``);
+- ``GET /versions`` (the published versions), ``POST /rollback`` (serve an earlier one),
+  ``GET /status`` (version, queue, job progress, last results), ``GET /metrics`` (Prometheus).
 
 With ``BASIC_AUTH_USER``/``BASIC_AUTH_PASS`` set, every route needs HTTP basic auth. Label
 Studio sends webhooks without it, so on /setup the backend adds the ``Authorization`` header to
@@ -33,7 +34,6 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +45,19 @@ from werkzeug.exceptions import HTTPException
 
 from backend.images import ImageFetchError, ImageLoader, LabelStudioConnection, LoadedImage
 from backend.label_config import LabelConfigError, check_config, default_targets
+from backend.loop import TrainingLoop
 from backend.metrics import Metrics
 from backend.predictions import empty_prediction, to_label_studio
+from backend.registry import RegistryError
 from backend.serving import ServedModel, Snapshot
 from backend.settings import Settings, SettingsError
+from backend.webhooks import WebhookError
+from model.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024 * 1024
 FETCH_THREADS = 8
-
-WebhookHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 
 class RequestError(ValueError):
@@ -71,7 +73,7 @@ class BackendState:
     loader: ImageLoader
     metrics: Metrics
     fetch_pool: ThreadPoolExecutor
-    webhook_handlers: dict[str, WebhookHandler] = field(default_factory=dict)
+    loop: TrainingLoop
     started_at: float = field(default_factory=time.time)
     webhook_auth: WebhookAuthorizer | None = None
 
@@ -93,6 +95,7 @@ def create_app(
         loader=loader or ImageLoader(settings),
         metrics=Metrics(),
         fetch_pool=ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="abn-fetch"),
+        loop=TrainingLoop(settings, served).start(),
     )
     if settings.auth_enabled:
         state.webhook_auth = WebhookAuthorizer(
@@ -192,11 +195,30 @@ def create_app(
     def webhook() -> Response:
         payload = _json_object()
         action = _field(payload, "action", str)
-        return jsonify(handle_webhook(state, action, payload))
+        state.metrics.count_webhook(action)
+        try:
+            reply = state.loop.webhooks.handle(payload)
+        except WebhookError as exc:
+            log.warning("webhook %s refused: %s", action, exc)
+            return _error(400, str(exc))
+        return jsonify(status="ok", **reply)
 
     @app.get("/versions")
     def versions() -> Response:
-        return jsonify(versions=[state.served.version])
+        records = state.loop.registry.versions()
+        names = [r["version"] for r in records] or [state.served.version]
+        return jsonify(versions=names, current=state.served.version, records=records)
+
+    @app.post("/rollback")
+    def rollback() -> Response:
+        version = _field(_json_object(), "version", str)
+        try:
+            record = state.loop.rollback(version)
+        except RegistryError as exc:
+            return _error(404, str(exc))
+        except CheckpointError as exc:
+            return _error(409, f"cannot roll back to {version}: {exc}")
+        return jsonify(status="ok", version=record["version"], serving=state.served.version)
 
     @app.get("/status")
     def status() -> Response:
@@ -207,8 +229,7 @@ def create_app(
             pid=os.getpid(),
             uptime_s=round(time.time() - state.started_at, 1),
             auth=settings.auth_enabled,
-            queue=None,
-            job=None,
+            **state.loop.status(),
         )
 
     @app.get("/metrics")
@@ -318,16 +339,6 @@ def _load_task_image(
 
 
 # ---------------------------------------------------------------------------- webhooks
-
-
-def handle_webhook(state: BackendState, action: str, payload: dict[str, Any]) -> dict[str, Any]:
-    """Acknowledge `action`; run its registered handler, if any. Must stay fast (1 s timeout)."""
-    state.metrics.count_webhook(action)
-    handler = state.webhook_handlers.get(action)
-    reply: dict[str, Any] = {"status": "ok", "action": action, "handled": handler is not None}
-    if handler is not None:
-        reply.update(handler(payload) or {})
-    return reply
 
 
 class WebhookAuthorizer:

@@ -142,6 +142,10 @@ def print_connection_help(host: str, port: int, version: str, settings: Settings
 def cmd_serve(args: argparse.Namespace) -> None:
     from backend.app import serve
 
+    settings = Settings.from_env()
+    checkpoint = args.checkpoint or settings.checkpoint
+    if checkpoint is not None:
+        ensure_published(settings, checkpoint)  # before gunicorn forks: one publication
     serve(args.host, args.port, checkpoint=args.checkpoint, workers=args.workers)
 
 

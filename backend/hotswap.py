@@ -1,16 +1,16 @@
 """Hot-swap: every serving process follows the registry's current version by itself.
 
-A daemon thread per process polls the registry index (one ``stat`` per interval, a read only
-when it changed), loads a newly published or rolled-back version beside the one being served,
-and swaps the served snapshot in one assignment. Requests in flight finish on the model they
-started with. Polling needs nothing but MODEL_DIR, so it works across gunicorn workers and
-across hosts that mount the same MODEL_DIR, and keeps working while Redis is down.
+Each serving process polls the registry index from backend/loop.py's maintenance thread (one
+``stat`` per interval, a read only when it changed), loads a newly published or rolled-back
+version beside the one being served, and swaps the served snapshot in one assignment. Requests
+in flight finish on the model they started with. Polling needs nothing but MODEL_DIR, so it
+works across gunicorn workers and across hosts that mount the same MODEL_DIR, and keeps working
+while Redis is down.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 
 from backend.registry import ModelRegistry, RegistryError
 from backend.serving import ServedModel
@@ -22,13 +22,10 @@ log = logging.getLogger(__name__)
 class RegistryWatcher:
     """Keeps a :class:`ServedModel` on the registry's current version."""
 
-    def __init__(self, registry: ModelRegistry, served: ServedModel, interval: float = 0.5) -> None:
+    def __init__(self, registry: ModelRegistry, served: ServedModel) -> None:
         self.registry = registry
         self.served = served
-        self.interval = interval
         self._seen: tuple[int, int] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.last_error: str | None = None
 
     def check(self) -> bool:
@@ -55,20 +52,3 @@ class RegistryWatcher:
         self._seen = stamp
         self.last_error = None
         return True
-
-    def start(self) -> RegistryWatcher:
-        self._thread = threading.Thread(target=self._run, name="registry-watcher", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.check()
-            except Exception:  # the watcher must outlive any one bad poll
-                log.exception("registry poll failed")

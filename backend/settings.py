@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.train import DEFAULT_GAMMA
+
 DEFAULT_MODEL_DIR = Path("runs") / "model_dir"
 
 
@@ -48,6 +50,18 @@ class Settings:
     image_cache_dir: Path | None = None  # ABN_IMAGE_CACHE_DIR; default MODEL_DIR/cache/images
     image_cache: bool = True  # ABN_IMAGE_CACHE=0 turns the on-disk cache off
 
+    # The training loop (docs/loop.md says how the defaults were chosen).
+    train_after: int = 10  # ABN_TRAIN_AFTER: new edited corrections that start a job by themselves
+    train_device: str = "auto"  # ABN_TRAIN_DEVICE: auto = CUDA when the worker has one
+    gamma: float = DEFAULT_GAMMA  # ABN_GAMMA: weight of the map loss ||M' - M||_2
+    finetune_epochs: int = 10  # ABN_FINETUNE_EPOCHS
+    finetune_batch_size: int = 16  # ABN_FINETUNE_BATCH_SIZE
+    finetune_lr: float | None = None  # ABN_FINETUNE_LR; default 0.1 per 256 images
+    holdout_fraction: float = 0.2  # ABN_HOLDOUT_FRACTION: corrections kept out for the gate
+    gate_accuracy_margin: float = 0.05  # ABN_GATE_ACCURACY_MARGIN: accuracy it may lose
+    gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
+    swap_interval: float = 0.5  # ABN_SWAP_INTERVAL: seconds between registry polls
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from `env` (default: ``os.environ``); unset or empty means default."""
@@ -79,6 +93,22 @@ class Settings:
             image_allowed_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
             image_cache_dir=Path(cache_dir) if cache_dir else None,
             image_cache=_bool(env, "ABN_IMAGE_CACHE", defaults.image_cache),
+            train_after=_int(env, "ABN_TRAIN_AFTER", defaults.train_after, 1, 10**9),
+            train_device=get("ABN_TRAIN_DEVICE") or defaults.train_device,
+            gamma=_float(env, "ABN_GAMMA", defaults.gamma, positive=False),
+            finetune_epochs=_int(env, "ABN_FINETUNE_EPOCHS", defaults.finetune_epochs, 1, 10**6),
+            finetune_batch_size=_int(
+                env, "ABN_FINETUNE_BATCH_SIZE", defaults.finetune_batch_size, 1, 4096
+            ),
+            finetune_lr=_float(env, "ABN_FINETUNE_LR", None),
+            holdout_fraction=_float(env, "ABN_HOLDOUT_FRACTION", defaults.holdout_fraction),
+            gate_accuracy_margin=_float(
+                env, "ABN_GATE_ACCURACY_MARGIN", defaults.gate_accuracy_margin, positive=False
+            ),
+            gate_map_margin=_float(
+                env, "ABN_GATE_MAP_MARGIN", defaults.gate_map_margin, positive=False
+            ),
+            swap_interval=_float(env, "ABN_SWAP_INTERVAL", defaults.swap_interval),
         )
         settings.check()
         return settings
@@ -93,6 +123,14 @@ class Settings:
             raise SettingsError(f"ABN_BRUSH_LEVELS must be in 2..256, got {self.brush_levels}")
         if self.batch_size < 1:
             raise SettingsError(f"ABN_BATCH_SIZE must be at least 1, got {self.batch_size}")
+        if not 0 <= self.holdout_fraction < 1:
+            raise SettingsError(
+                f"ABN_HOLDOUT_FRACTION must be in [0, 1), got {self.holdout_fraction}"
+            )
+        if self.train_device not in ("auto", "cpu", "cuda"):
+            raise SettingsError(
+                f"ABN_TRAIN_DEVICE must be auto, cpu or cuda, got {self.train_device!r}"
+            )
 
     def replace(self, **changes: object) -> Settings:
         """A copy with `changes` applied (command-line options override the environment)."""
@@ -139,7 +177,9 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
     return value
 
 
-def _float(env: Mapping[str, str], name: str, default: float) -> float:
+def _float(
+    env: Mapping[str, str], name: str, default: float | None, positive: bool = True
+) -> float | None:
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -147,7 +187,7 @@ def _float(env: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         raise SettingsError(f"{name} must be a number, got {raw!r}") from None
-    if not value > 0:
+    if positive and not value > 0:
         raise SettingsError(f"{name} must be positive, got {value}")
     return value
 

@@ -116,10 +116,11 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
     """Run one round for `project`; returns the record written to MODEL_DIR/jobs."""
     registry = ModelRegistry(settings.model_dir)
     store = CorrectionStore(settings.model_dir / "corrections.sqlite3")
+    device = str(TrainConfig(device=settings.train_device).torch_device())
     current = registry.current()
     if current is None:
         raise RuntimeError("no published model to fine-tune: start the backend once first")
-    model, meta = load_checkpoint(registry.root / current["path"], device=settings.train_device)
+    model, meta = load_checkpoint(registry.root / current["path"], device=device)
     meta = {**meta, "parent_version": current["version"]}
     corrections = [c for c in store.corrections(project) if c.target.shape[0] > 0]
     side = meta["image_size"] // 16
@@ -140,20 +141,18 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
     # Samples without a class the model knows still teach the map, with its current prediction.
     with torch.no_grad():
         model.eval()
-        guessed = model(images.to(settings.train_device)).perception_logits.argmax(1).cpu()
+        guessed = model(images.to(device)).perception_logits.argmax(1).cpu()
     train_labels = torch.where(labels >= 0, labels, guessed)
     dataset = InMemoryMapsDataset(
         images[train_idx], train_labels[train_idx], maps[train_idx], has_map[train_idx]
     )
-    old_scores = held_out_scores(
-        model, images[gate_idx], labels[gate_idx], maps[gate_idx], settings.train_device
-    )
+    old_scores = held_out_scores(model, images[gate_idx], labels[gate_idx], maps[gate_idx], device)
     config = TrainConfig(
         epochs=settings.finetune_epochs,
         batch_size=settings.finetune_batch_size,
         lr=settings.finetune_lr,
         image_size=meta["image_size"],
-        device=settings.train_device,
+        device=device,
     )
 
     def on_epoch(row: dict[str, Any]) -> None:
@@ -170,9 +169,7 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         dataset=dataset,
         progress=on_epoch,
     )
-    new_scores = held_out_scores(
-        model, images[gate_idx], labels[gate_idx], maps[gate_idx], settings.train_device
-    )
+    new_scores = held_out_scores(model, images[gate_idx], labels[gate_idx], maps[gate_idx], device)
     trained_ids = [examples[i].annotation_id for i in train_idx.tolist()]
     record: dict[str, Any] = {
         "project": project,

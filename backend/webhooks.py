@@ -14,6 +14,8 @@ from typing import Any
 from backend.corrections import CorrectionError, CorrectionStore, correction_from_annotation
 from backend.jobs import TrainingQueue
 from backend.label_config import LabelConfigError, default_targets, targets_for
+from backend.serving import ServedModel
+from model.maps import map_size_for
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,7 @@ class WebhookError(ValueError):
 class WebhookHandler:
     store: CorrectionStore
     queue: TrainingQueue | None  # None: no Redis configured; requests wait in the store
-    classes: list[str]
-    map_size: int
+    served: ServedModel  # targets take the served model's classes and map size
     train_after: int
 
     def handle(self, payload: Any) -> dict[str, Any]:
@@ -54,15 +55,15 @@ class WebhookHandler:
         if not isinstance(task, dict) or not isinstance(task.get("id"), int):
             raise WebhookError("task.id (an integer) is missing")
         config = (payload.get("project") or {}).get("label_config")
+        snap = self.served.snapshot
         try:
             targets = (
-                targets_for(config, tuple(self.classes))
+                targets_for(config, tuple(snap.classes))
                 if config
-                else default_targets(self.classes)
+                else default_targets(snap.classes)
             )
-            correction = correction_from_annotation(
-                project, annotation, task, targets, self.map_size
-            )
+            side = map_size_for(int(snap.meta["image_size"]))
+            correction = correction_from_annotation(project, annotation, task, targets, side)
         except (CorrectionError, LabelConfigError, ValueError) as exc:
             raise WebhookError(f"annotation {annotation['id']}: {exc}") from exc
         if correction is None:
