@@ -189,6 +189,10 @@ def create_app(
         except LabelConfigError as exc:
             return _error(400, f"label config refused: {exc}")
         results = predict_tasks(state, tasks, targets, snap, project)
+        key = state.loader.connections.project_key(project)
+        predicted = [t.get("id") for t, r in zip(tasks, results, strict=True) if r["result"]]
+        if key and predicted and all(isinstance(t, int) for t in predicted):
+            state.loop.store.record_predictions(key, predicted, snap.version)
         return jsonify(results=results, model_version=snap.version)
 
     @app.post("/webhook")

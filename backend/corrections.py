@@ -141,6 +141,13 @@ CREATE TABLE IF NOT EXISTS corrections (
     trained_in TEXT,
     PRIMARY KEY (project, annotation_id)
 );
+CREATE TABLE IF NOT EXISTS predictions (
+    project TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    predicted_at REAL NOT NULL,
+    PRIMARY KEY (project, task_id)
+);
 CREATE TABLE IF NOT EXISTS training_requests (
     project TEXT PRIMARY KEY,
     requested_at REAL NOT NULL,
@@ -222,6 +229,27 @@ class CorrectionStore:
                 ),
             )
             return True
+
+    def record_predictions(self, project: str, task_ids: list[int], version: str) -> None:
+        """Which version pre-annotated each task: webhooks do not carry the task's predictions,
+        and a correction's lineage needs to know what the annotator was shown."""
+        now = time.time()
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)",
+                [(project, t, version, now) for t in task_ids],
+            )
+
+    def predicted_version(self, project: str, task_id: int) -> str | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT model_version FROM predictions WHERE project = ? AND task_id = ?",
+                (project, task_id),
+            )
+            .fetchone()
+        )
+        return row[0] if row else None
 
     def delete(self, project: str, annotation_ids: list[int]) -> int:
         """Remove the targets of deleted annotations (kept as tombstones); returns how many."""

@@ -7,6 +7,7 @@ acknowledged and ignored: connecting an ML backend subscribes it to all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,9 @@ class WebhookHandler:
             raise WebhookError(f"annotation {annotation['id']}: {exc}") from exc
         if correction is None:
             return {"action": payload["action"], "stored": False, "reason": "no attention brush"}
+        if correction.model_version is None:
+            version = self.store.predicted_version(project, correction.task_id)
+            correction = dataclasses.replace(correction, model_version=version)
         changed = self.store.put(correction)
         reply = {"action": payload["action"], "stored": changed, "edited": correction.edited}
         pending = self.store.untrained_count(project)

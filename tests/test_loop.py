@@ -6,155 +6,44 @@ webhook payloads shaped as Label Studio 1.23.2 sends them (tests/e2e drives the 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 import requests
 from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
+from processes import ROOT, Loop, running_backend, wait_for
 
 from backend.brush import encode_rle
-from backend.corrections import CorrectionStore
 from backend.label_config import label_config_for
-from backend.redis_connection import EmbeddedRedis
-from backend.registry import ModelRegistry
 from model import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = label_config_for(CLASSES)
 IMAGE_SIZE = (48, 40)  # width, height of the served test images
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-@dataclass
-class Loop:
-    """A running deployment: its URL, MODEL_DIR, Redis and processes."""
-
-    base: str
-    model_dir: Path
-    env: dict[str, str]
-    redis: EmbeddedRedis
-    logs: Path
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
-        log = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", *args],
-            cwd=ROOT,
-            env={**self.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own group: a kill reaches RQ's work horse too
-        )
-        self.procs[name] = proc
-        return proc
-
-    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(name)
-        if sig == signal.SIGKILL:  # RQ runs a job in a forked "work horse" of its own session
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
-
-    def get(self, path: str) -> dict[str, Any]:
-        return requests.get(self.base + path, timeout=10).json()
-
-    def post(self, path: str, body: Any) -> requests.Response:
-        return requests.post(self.base + path, json=body, timeout=10)
-
-    def version(self) -> str:
-        return self.get("/health")["model_version"]
-
-    def everyone_serves(self, version: str) -> bool:
-        """Several /health calls in a row (so both gunicorn workers answer) name `version`."""
-        return all(self.version() == version for _ in range(8))
-
-    def registry(self) -> ModelRegistry:
-        return ModelRegistry(self.model_dir)
-
-    def store(self) -> CorrectionStore:
-        return CorrectionStore(self.model_dir / "corrections.sqlite3")
-
-
 @pytest.fixture
 def loop(tmp_path: Path, tiny_checkpoint: Path, fake_ls: FakeLabelStudio) -> Iterator[Loop]:
-    model_dir = tmp_path / "model_dir"
-    ModelRegistry(model_dir).publish_file(tiny_checkpoint, reason="initial model")
     for i in range(12):
         fake_ls.add(f"/data/upload/1/{i}.png", png_bytes(*IMAGE_SIZE, color=(20 * i, 80, 160)))
-    port = free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    with EmbeddedRedis(tmp_path / "redis") as redis:
-        env = {
-            **os.environ,
-            "REDIS_URL": redis.url,
-            "MODEL_DIR": str(model_dir),
-            "LABEL_STUDIO_URL": fake_ls.url,
-            "LABEL_STUDIO_API_KEY": TOKEN,
-            "ABN_TRAIN_AFTER": "3",
-            "ABN_FINETUNE_EPOCHS": "2",
-            "ABN_SWAP_INTERVAL": "0.2",
-            "ABN_GATE_ACCURACY_MARGIN": "1",
-            "ABN_GATE_MAP_MARGIN": "1",
-            "OMP_NUM_THREADS": "1",
-        }
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        deployment = Loop(f"http://127.0.0.1:{port}", model_dir, env, redis, logs)
-        deployment.start(
-            "serve", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"
-        )
-        try:
-            wait_for(lambda: _up(deployment), 120, "the backend: " + deployment.log("serve"))
-            yield deployment
-        finally:
-            for name in list(deployment.procs):
-                deployment.stop(name)
-
-
-def _up(loop: Loop) -> bool:
-    assert loop.procs["serve"].poll() is None, loop.log("serve")
-    try:
-        return requests.get(loop.base + "/health", timeout=2).status_code == 200
-    except requests.ConnectionError:
-        return False
+    env = {
+        "LABEL_STUDIO_URL": fake_ls.url,
+        "LABEL_STUDIO_API_KEY": TOKEN,
+        "ABN_TRAIN_AFTER": "3",
+        "ABN_FINETUNE_EPOCHS": "2",
+        "ABN_SWAP_INTERVAL": "0.2",
+        "ABN_GATE_ACCURACY_MARGIN": "1",
+        "ABN_GATE_MAP_MARGIN": "1",
+    }
+    with running_backend(tmp_path, tiny_checkpoint, **env) as deployment:
+        yield deployment
 
 
 def brush_result(alpha: np.ndarray, origin: str = "prediction-changed") -> dict[str, Any]:

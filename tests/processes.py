@@ -1,0 +1,149 @@
+"""Real processes for integration tests: the backend under gunicorn, RQ workers, Redis.
+
+Shared by tests/test_loop.py and the end-to-end tests under tests/e2e.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+from backend.corrections import CorrectionStore
+from backend.redis_connection import EmbeddedRedis
+from backend.registry import ModelRegistry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@dataclass
+class Loop:
+    """A running deployment: its URL, MODEL_DIR, Redis and processes."""
+
+    base: str
+    model_dir: Path
+    env: dict[str, str]
+    redis: EmbeddedRedis
+    logs: Path
+    auth: tuple[str, str] | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", *args],
+            cwd=ROOT,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: a kill reaches RQ's work horse too
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
+        proc = self.procs.pop(name)
+        if sig == signal.SIGKILL:  # RQ runs a job in a forked "work horse" of its own session
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
+
+    def get(self, path: str) -> dict[str, Any]:
+        return requests.get(self.base + path, timeout=10, auth=self.auth).json()
+
+    def post(self, path: str, body: Any) -> requests.Response:
+        return requests.post(self.base + path, json=body, timeout=10, auth=self.auth)
+
+    def version(self) -> str:
+        return self.get("/health")["model_version"]
+
+    def everyone_serves(self, version: str) -> bool:
+        """Several /health calls in a row (so both gunicorn workers answer) name `version`."""
+        return all(self.version() == version for _ in range(8))
+
+    def registry(self) -> ModelRegistry:
+        return ModelRegistry(self.model_dir)
+
+    def store(self) -> CorrectionStore:
+        return CorrectionStore(self.model_dir / "corrections.sqlite3")
+
+
+@contextmanager
+def running_backend(
+    tmp_path: Path,
+    checkpoint: Path,
+    workers: int = 2,
+    auth: tuple[str, str] | None = None,
+    **env: str,
+) -> Iterator[Loop]:
+    """`checkpoint` published as v1, an embedded Redis, and `abn serve` on a free port."""
+    model_dir = tmp_path / "model_dir"
+    ModelRegistry(model_dir).publish_file(checkpoint, reason="initial model")
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with EmbeddedRedis(tmp_path / "redis") as redis:
+        environment = {
+            **os.environ,
+            "REDIS_URL": redis.url,
+            "MODEL_DIR": str(model_dir),
+            "OMP_NUM_THREADS": "1",
+            **env,
+        }
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if auth is not None:
+            environment.update(BASIC_AUTH_USER=auth[0], BASIC_AUTH_PASS=auth[1])
+        deployment = Loop(f"http://127.0.0.1:{port}", model_dir, environment, redis, logs, auth)
+        deployment.start(
+            "serve", "serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)
+        )
+        try:
+            wait_for(lambda: _up(deployment), 120, "the backend: " + deployment.log("serve"))
+            yield deployment
+        finally:
+            for name in list(deployment.procs):
+                deployment.stop(name)
+
+
+def _up(loop: Loop) -> bool:
+    assert loop.procs["serve"].poll() is None, loop.log("serve")
+    try:
+        return requests.get(loop.base + "/health", timeout=2, auth=loop.auth).status_code == 200
+    except requests.ConnectionError:
+        return False
