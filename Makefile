@@ -37,6 +37,8 @@ e2e: $(VENV)/.installed $(LS_VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/codec.py
+	$(BIN)/python bench/loop.py
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache

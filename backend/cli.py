@@ -99,7 +99,8 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _wait(children: list[subprocess.Popen]) -> None:
     """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too)."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
+        signal.signal(signum, _interrupt)
     try:
         while all(c.poll() is None for c in children):
             time.sleep(0.5)
