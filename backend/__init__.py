@@ -1,9 +1,7 @@
 """Label Studio ML backend for Attention Branch Networks.
 
-Idle OpenMP threads busy-wait by default; on a CPU shared with other processes that made one
-forward pass 25x slower (bench/predict.py). Passive waiting must be chosen before torch loads.
+`model` is imported first so that its OpenMP setting (passive waiting) is in place before any
+backend module loads torch.
 """
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import model  # noqa: F401
