@@ -114,6 +114,54 @@ def cmd_explain(args: argparse.Namespace) -> None:
         print(json.dumps(report))
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from model.evaluate import candidate_from_checkpoint, resolve_device, run_evaluation
+    from model.report import check_output_dir, write_evaluation
+
+    check_output_dir(args.out)
+    data = resolve_data(args.data)
+    device = resolve_device(args.device)
+    candidates = [candidate_from_checkpoint(spec, device) for spec in args.checkpoint]
+    evaluation = run_evaluation(
+        candidates,
+        data,
+        args.batch_size,
+        device,
+        limit=args.limit,
+        step=args.step,
+        curve_limit=args.curve_limit,
+    )
+    write_evaluation(evaluation, args.out)
+    print(f"wrote {args.out}/metrics.json, report.md and figures")
+    print(json.dumps(evaluation.metrics["methods"], indent=1))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from model.reproduce import ReproduceSettings, fill_defaults, reproduce
+
+    chosen = fill_defaults(args.data, vars(args), builtin=DECOY_DIGITS)
+    if chosen:
+        shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
+        print(f"defaults for {args.data}: {shown}")
+    data = resolve_data(args.data)
+    settings = ReproduceSettings(
+        arch=args.arch,
+        selection=args.selection,
+        budget=args.budget,
+        gamma=args.gamma,
+        finetune_epochs=args.finetune_epochs,
+        limit=args.limit,
+        step=args.step,
+        curve_limit=args.curve_limit,
+        control=args.control,
+    )
+    metrics = reproduce(
+        data, args.out, config_from(args), settings, args.checkpoint_dir, dataset_name=data.name
+    )
+    print(f"wrote {args.out}/report.md")
+    print(json.dumps(metrics["methods"], indent=1))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the model library's commands on a subparser set (shared with `abn`)."""
     p = sub.add_parser("train", help="train an ABN (or the plain ResNet baseline)")
@@ -145,6 +193,39 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlay", type=Path, help="where to write the overlay PNG")
     p.add_argument("--json", action="store_true", help="also print the result as JSON")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("evaluate", help="the paper's measures for checkpoints on a test split")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        action="append",
+        help="[NAME=]PATH, NAME in resnet/abn/proposed (default: from the checkpoint); repeatable",
+    )
+    p.add_argument("--data", required=True, help=f"dataset directory, or {DECOY_DIGITS}")
+    p.add_argument("--out", required=True, type=Path, help="folder for metrics.json, report.md")
+    p.add_argument("--limit", type=int, help="evaluate only N test images (spread over classes)")
+    p.add_argument("--step", type=int, help="deletion/insertion pixels per step (default: width)")
+    p.add_argument("--curve-limit", type=int, help="deletion/insertion on only N test images")
+    add_device_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reproduce", help="the paper's protocol end to end on one dataset")
+    p.add_argument("--data", required=True, help=f"dataset directory, or {DECOY_DIGITS}")
+    p.add_argument("--out", required=True, type=Path, help="folder for the report")
+    p.add_argument("--arch", default="resnet18", choices=list(ARCHITECTURES))
+    p.add_argument("--selection", default="misclassified", choices=["misclassified", "confidence"])
+    p.add_argument("--budget", type=int, help="most training samples to correct (default: all)")
+    p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="weight of the map loss")
+    p.add_argument("--finetune-epochs", type=int)
+    p.add_argument("--checkpoint-dir", type=Path, help="default: OUTDIR/checkpoints")
+    p.add_argument(
+        "--control", action="store_true", help="also fine-tune with gamma 0 and report it"
+    )
+    p.add_argument("--limit", type=int, help="evaluate only N test images (spread over classes)")
+    p.add_argument("--step", type=int, help="deletion/insertion pixels per step (default: width)")
+    p.add_argument("--curve-limit", type=int, help="deletion/insertion on only N test images")
+    add_training_options(p, epochs=0)
+    p.set_defaults(func=cmd_reproduce, epochs=None, image_size=None)
 
 
 def configure_logging(verbose: bool = False) -> None:

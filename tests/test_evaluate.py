@@ -26,6 +26,7 @@ from model.evaluate import (
     MethodResult,
     candidate_from_checkpoint,
     evaluate_checkpoints,
+    paired_top1,
     parse_checkpoint_spec,
     role_of,
     run_evaluation,
@@ -376,3 +377,12 @@ def test_unreadable_map_is_named(tmp_path: Path, data: Path) -> None:
     candidate = Candidate("abn", model, make_meta("abn", "resnet18", CLASSES, SIZE))
     with pytest.raises(DatasetError, match=r"human map\(s\) cannot be decoded: .*cat/0\.png"):
         run_evaluation([candidate], broken)
+
+
+def test_paired_top1_counts_discordant_images() -> None:
+    a = MethodResult("abn", correct=np.array([True, True, False, False, True]))
+    b = MethodResult("proposed", correct=np.array([True, False, True, True, True]))
+    only_a, only_b, p = paired_top1(a, b)
+    assert (only_a, only_b) == (1, 2)
+    assert p == pytest.approx(1.0)  # 1 vs 2 discordant pairs: no evidence either way
+    assert paired_top1(a, MethodResult("cam")) is None

@@ -17,7 +17,9 @@ from PIL import Image
 from model import build_abn, load_checkpoint
 from model.checkpoint import make_meta
 from model.cli import main
-from model.data import DatasetError, list_samples
+from model.data import DatasetError, Sample, list_samples
+from model.decoy_check import breakdown_lines, conflicting
+from model.decoy_digits import CANVAS, COLOURS, PATCH
 from model.gamma_sweep import carve_validation, render
 from model.reproduce import fill_defaults, finetune_dataset, select_samples
 
@@ -198,3 +200,19 @@ def test_validation_is_carved_from_train_only(data: Path, tmp_path: Path) -> Non
     ]
     table = render(rows, {"train": 6, "val": 3}, "python -m model.gamma_sweep ...")
     assert "| gamma 1 | 2 | **75.00** | 0.1000 | 0.7000 | 0.1000 |" in table
+
+
+def test_decoy_check_reads_the_patch_colour(tmp_path: Path) -> None:
+    samples = []
+    for i, (label, colour, corner) in enumerate([(3, 3, (0, 0)), (3, 7, (1, 1)), (5, 5, (0, 1))]):
+        canvas = np.full((CANVAS, CANVAS, 3), 20, dtype=np.uint8)
+        y, x = (c * (CANVAS - PATCH) for c in corner)
+        canvas[y : y + PATCH, x : x + PATCH] = COLOURS[colour]
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(canvas).save(path)
+        samples.append(Sample(path, label, None))
+    classes = [str(d) for d in range(10)]
+    flags = conflicting(samples, classes)
+    assert flags.tolist() == [False, True, False]
+    table = breakdown_lines({"ABN": np.array([True, False, True])}, flags)
+    assert table[-1] == "| ABN | 0.00 (1) | 100.00 (2) |"
