@@ -11,6 +11,7 @@ A sample without a map is still a sample: fine-tuning gives it the classificatio
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,15 +75,15 @@ def list_samples(data_dir: str | Path, split: str, classes: list[str]) -> list[S
     return samples
 
 
-def unreadable_images(samples: list[Sample]) -> list[Path]:
+def unreadable_files(paths: Iterable[Path]) -> list[Path]:
     """Files that do not decode as images, so a run can name them all before it starts."""
     bad = []
-    for sample in samples:
+    for path in paths:
         try:
-            with Image.open(sample.image) as img:
+            with Image.open(path) as img:
                 img.verify()
         except (OSError, UnidentifiedImageError):
-            bad.append(sample.image)
+            bad.append(path)
     return bad
 
 

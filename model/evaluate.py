@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.abn import ABN
 from model.checkpoint import load_checkpoint
-from model.data import AttentionDataset, DatasetError, Sample, list_samples, unreadable_images
+from model.data import AttentionDataset, DatasetError, Sample, list_samples, unreadable_files
 from model.metrics import CurveResult, DeletionInsertion, map_mse, topk_accuracy
 from model.saliency import cam_maps, gradcam_maps
 from model.train import TrainConfig
@@ -174,20 +173,6 @@ class Evaluation:
 # --------------------------------------------------------------------------------------------
 
 
-def unreadable_maps(samples: Iterable[Sample]) -> list[Path]:
-    """Human-map files that do not decode, so they can all be named before a long run."""
-    bad = []
-    for sample in samples:
-        if sample.map is None:
-            continue
-        try:
-            with Image.open(sample.map) as img:
-                img.verify()
-        except (OSError, UnidentifiedImageError):
-            bad.append(sample.map)
-    return bad
-
-
 def _name_files(paths: Sequence[Path], limit: int = 20) -> str:
     shown = ", ".join(str(p) for p in paths[:limit])
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
@@ -212,10 +197,10 @@ def load_test_samples(
     """
     samples = list_samples(data_dir, "test", classes)
     samples = [samples[i] for i in spread(len(samples), limit)]
-    bad = unreadable_images(samples)
+    bad = unreadable_files(s.image for s in samples)
     if bad:
         raise DatasetError(f"{len(bad)} test image(s) cannot be decoded: {_name_files(bad)}")
-    bad_maps = unreadable_maps(samples)
+    bad_maps = unreadable_files(s.map for s in samples if s.map is not None)
     if bad_maps:
         raise DatasetError(
             f"{len(bad_maps)} human map(s) cannot be decoded: {_name_files(bad_maps)}"
