@@ -26,7 +26,7 @@ from model.train import TrainConfig, train
 log = logging.getLogger("abn")
 
 # The model `abn run` trains when it is given none: small enough for a few minutes on a CPU.
-DEFAULT_MODEL = {"epochs": 4, "image_size": 96, "batch_size": 32}
+DEFAULT_MODEL = {"epochs": 5, "image_size": 112, "batch_size": 32}
 
 
 def default_checkpoint(settings: Settings) -> Path:
