@@ -23,6 +23,7 @@ from urllib.parse import parse_qs, urlsplit
 # on a busy two-core machine (see bench/predict.py); passive waiting keeps the suite fast.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -183,3 +184,27 @@ def fake_ls() -> Iterator[FakeLabelStudio]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def make_image_dataset(
+    root: Path,
+    classes: list[str],
+    human_map: np.ndarray | None,
+    per_class: int = 2,
+    seed: int = 0,
+) -> Path:
+    """Random images in the on-disk layout; every image gets `human_map` (None: no maps)."""
+    rng = np.random.default_rng(seed)
+    size = 32 if human_map is None else human_map.shape[0]
+    for split in ("train", "test"):
+        for name in classes:
+            for i in range(per_class):
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+                if human_map is not None:
+                    map_folder = root / "maps" / split / name
+                    map_folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(human_map).save(map_folder / f"{i}.png")
+    return root

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from conftest import make_image_dataset
 
 from model import build_abn, build_resnet, save_checkpoint
 from model.checkpoint import make_meta
@@ -47,21 +47,9 @@ METRIC_KEYS = {"top1", "top5", "deletion", "insertion", "map_mse"}
 
 def make_dataset(root: Path, maps: bool = True, per_class: int = 2) -> Path:
     """Random images; the human map is the image's left half (255) for every image."""
-    rng = np.random.default_rng(0)
     half = np.zeros((SIZE, SIZE), dtype=np.uint8)
     half[:, : SIZE // 2] = 255
-    for split in ("train", "test"):
-        for name in CLASSES:
-            for i in range(per_class):
-                folder = root / split / name
-                folder.mkdir(parents=True, exist_ok=True)
-                pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-                if maps:
-                    map_folder = root / "maps" / split / name
-                    map_folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(half).save(map_folder / f"{i}.png")
-    return root
+    return make_image_dataset(root, CLASSES, half if maps else None, per_class, seed=0)
 
 
 def make_checkpoint(path: Path, kind: str, classes: list[str] = CLASSES, **extra: object) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_image_dataset
 from PIL import Image
 
 from model import build_abn, load_checkpoint
@@ -28,20 +29,10 @@ SIZE = 32
 
 
 def make_dataset(root: Path, per_class: int = 3, maps: bool = True) -> Path:
-    rng = np.random.default_rng(1)
+    """Random images; the human map is a centred square for every image."""
     mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
     mask[8:24, 8:24] = 255
-    for split in ("train", "test"):
-        for name in CLASSES:
-            for i in range(per_class):
-                folder = root / split / name
-                folder.mkdir(parents=True, exist_ok=True)
-                pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-                if maps:
-                    (root / "maps" / split / name).mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(mask).save(root / "maps" / split / name / f"{i}.png")
-    return root
+    return make_image_dataset(root, CLASSES, mask if maps else None, per_class, seed=1)
 
 
 @pytest.fixture(scope="module")
