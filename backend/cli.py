@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from backend.redis_connection import EmbeddedRedis
 
     settings = Settings.from_env()
-    current = ensure_published(settings, args.checkpoint)
+    current = ensure_published(settings, args.checkpoint or settings.checkpoint)
     env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
     with EmbeddedRedis() if not settings.redis_url else contextlib.nullcontext() as redis:
         if redis is not None:
@@ -129,7 +129,7 @@ def print_connection_help(host: str, port: int, version: str, settings: Settings
         f"\nABN backend on http://{shown}:{port}  (model {version}, basic auth {auth})\n"
         "Connect a Label Studio project:\n"
         "  1. Settings > Labeling Interface: paste the output of\n"
-        "       abn label-config --checkpoint <the served checkpoint>\n"
+        "       .venv/bin/abn label-config   (same MODEL_DIR as this process)\n"
         f"  2. Settings > Model > Connect Model: URL http://{shown}:{port}\n"
         "     (Label Studio must be started with ML_BLOCK_LOCAL_IP=false and\n"
         "      SSRF_PROTECTION_ENABLED=false to reach a backend on this machine)\n"
@@ -165,7 +165,14 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_label_config(args: argparse.Namespace) -> None:
     from backend.label_config import label_config_for
 
-    meta, _ = read_checkpoint(args.checkpoint)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        registry = ModelRegistry(Settings.from_env().model_dir)
+        current = registry.current()
+        if current is None:
+            raise SystemExit("error: no --checkpoint given and MODEL_DIR has no published version")
+        checkpoint = registry.checkpoint_path(current["version"])
+    meta, _ = read_checkpoint(checkpoint)
     print(label_config_for(list(meta["classes"])), end="")
 
 
@@ -214,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("label-config", help="the Label Studio config for a model's classes")
-    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--checkpoint", type=Path, help="default: the version MODEL_DIR serves")
     p.set_defaults(func=cmd_label_config)
 
     p = sub.add_parser("rollback", help="serve an earlier published version again")
