@@ -32,6 +32,7 @@ from backend.settings import Settings
 from model.abn import ABN
 from model.checkpoint import atomic_write, load_checkpoint
 from model.data import InMemoryMapsDataset, image_transform
+from model.maps import map_size_for
 from model.metrics import map_mse
 from model.train import TrainConfig, autocast, finetune
 
@@ -123,7 +124,7 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
     model, meta = load_checkpoint(registry.root / current["path"], device=device)
     meta = {**meta, "parent_version": current["version"]}
     corrections = [c for c in store.corrections(project) if c.target.shape[0] > 0]
-    side = meta["image_size"] // 16
+    side = map_size_for(meta["image_size"])
     corrections = [c for c in corrections if c.target.shape == (side, side)]
     report_progress(stage="fetching images", project=project, corrections=len(corrections))
     examples, images = load_examples(corrections, ImageLoader(settings), meta)
@@ -194,7 +195,9 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         gate=record["gate"],
         settings=new_meta["settings"],
     )
-    store.mark_trained(project, trained_ids, published["version"])
+    # Held-out corrections were used too (by the gate): neither kind counts towards the next
+    # round's trigger.
+    store.mark_trained(project, [c.annotation_id for c in examples], published["version"])
     record.update(status="published", version=published["version"])
     log.info("project %s: published %s", project, published["version"])
     return record
