@@ -164,6 +164,7 @@ def test_corrections_train_publish_and_hot_swap(loop: Loop) -> None:
     status = loop.get("/status")
     assert status["model_version"] == "v2"
     assert status["last_jobs"]["1"]["status"] == "published"
+    assert loop.store().untrained_count("1") == 0  # trained and held-out ones are both used
 
 
 def test_a_model_failing_the_gate_is_not_published(loop: Loop) -> None:
