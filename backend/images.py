@@ -30,9 +30,7 @@ import http.cookiejar
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ import requests.adapters
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from backend.settings import Settings
+from model.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -112,11 +111,9 @@ class ProjectConnections:
             self._known[key] = conn
         if self.directory is not None:
             try:
-                _atomic_write(
-                    self.directory / f"{key}.json",
-                    json.dumps({"hostname": conn.url, "access_token": token}).encode(),
-                    mode=0o600,
-                )
+                # atomic_write creates the file 0600: the token stays the owner's.
+                with atomic_write(self.directory / f"{key}.json") as f:
+                    f.write(json.dumps({"hostname": conn.url, "access_token": token}).encode())
             except OSError as exc:
                 log.warning("cannot persist the connection of project %s: %s", key, exc)
 
@@ -381,7 +378,8 @@ class ImageLoader:
         if path is None:
             return
         try:
-            _atomic_write(path, data)
+            with atomic_write(path, durable=False) as f:  # a cache: no fsync on /predict
+                f.write(data)
         except OSError as exc:
             log.warning("cannot cache %s: %s", _short(url), exc)
 
@@ -401,21 +399,6 @@ def _shared_session() -> requests.Session:
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
-
-
-def _atomic_write(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write to a temporary file in the same folder and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        if mode is not None:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

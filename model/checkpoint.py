@@ -64,16 +64,21 @@ def build_from_meta(meta: dict[str, Any]) -> nn.Module:
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """A file that appears at `path` complete or not at all (temporary file, fsync, rename)."""
+def atomic_write(path: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """A file that appears at `path` complete or not at all (temporary file, rename).
+
+    The file is created readable by its owner only (mkstemp's 0600). `durable` also fsyncs it
+    before the rename, so it survives a power cut; a cache that can be refilled may skip that.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
