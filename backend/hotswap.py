@@ -2,10 +2,10 @@
 
 Each serving process polls the registry index from backend/loop.py's maintenance thread (one
 ``stat`` per interval, a read only when it changed), loads a newly published or rolled-back
-version beside the one being served, and swaps the served snapshot in one assignment. Requests
-in flight finish on the model they started with. Polling needs nothing but MODEL_DIR, so it
-works across gunicorn workers and across hosts that mount the same MODEL_DIR, and keeps working
-while Redis is down.
+version beside the one being served, warms it up, and swaps the served snapshot in one
+assignment. Requests in flight finish on the model they started with. Polling needs nothing but
+MODEL_DIR, so it works across gunicorn workers and across hosts that mount the same MODEL_DIR,
+and keeps working while Redis is down.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 
 from backend.registry import ModelRegistry, RegistryError
 from backend.serving import ServedModel
-from model.checkpoint import CheckpointError, load_checkpoint
+from model.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ class RegistryWatcher:
             if current is None or current["version"] == self.served.version:
                 self._seen = stamp
                 return False
-            path = self.registry.root / current["path"]
-            model, meta = load_checkpoint(path, device=self.served.snapshot.device)
+            # The checkpoint's record carries its version, so it is served as current["version"].
+            self.served.swap_checkpoint(self.registry.root / current["path"])
         except (RegistryError, CheckpointError, OSError) as exc:
             self.last_error = str(exc)
             log.error(
@@ -48,7 +48,6 @@ class RegistryWatcher:
                 exc,
             )
             return False
-        self.served.swap(current["version"], model, meta)
         self._seen = stamp
         self.last_error = None
         return True
