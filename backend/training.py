@@ -57,17 +57,27 @@ def report_progress(**fields: Any) -> None:
 
 
 @torch.no_grad()
+def predict_all(
+    model: ABN, images: torch.Tensor, device: str, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted classes and attention maps (on the CPU), a batch at a time."""
+    model.eval()
+    classes, maps = [], []
+    for start in range(0, len(images), batch_size):
+        with autocast(torch.device(device)):
+            out = model(images[start : start + batch_size].to(device))
+        classes.append(out.perception_logits.float().argmax(1).cpu())
+        maps.append(out.attention.float().cpu())
+    return torch.cat(classes), torch.cat(maps)
+
+
 def held_out_scores(
-    model: ABN, images: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, device: str
+    predicted: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor
 ) -> dict[str, float | None]:
     """Accuracy on labelled held-out images, and mean squared distance to their human maps."""
-    model.eval()
-    with autocast(torch.device(device)):
-        out = model(images.to(device))
     known = labels >= 0
-    predicted = out.perception_logits.float().argmax(1).cpu()
     accuracy = float((predicted[known] == labels[known]).float().mean()) if known.any() else None
-    distance = float(map_mse(out.attention.float().cpu()[:, 0], maps[:, 0]).mean())
+    distance = float(map_mse(attention[:, 0], maps[:, 0]).mean())
     return {"accuracy": accuracy, "map_mse": distance, "count": len(labels)}
 
 
@@ -139,15 +149,17 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         held = torch.zeros(len(examples), dtype=torch.bool)  # too few to split: gate on all
     gate_idx = held.nonzero()[:, 0] if held.any() else torch.arange(len(examples))
     train_idx = (~held).nonzero()[:, 0]
-    # Samples without a class the model knows still teach the map, with its current prediction.
-    with torch.no_grad():
-        model.eval()
-        guessed = model(images.to(device)).perception_logits.argmax(1).cpu()
-    train_labels = torch.where(labels >= 0, labels, guessed)
+    # One pass of the served model: its scores for the gate, and its prediction as the label of
+    # samples without a class it knows (they still teach the map).
+    batch = settings.finetune_batch_size
+    predicted, attention = predict_all(model, images, device, batch)
+    old_scores = held_out_scores(
+        predicted[gate_idx], attention[gate_idx], labels[gate_idx], maps[gate_idx]
+    )
+    train_labels = torch.where(labels >= 0, labels, predicted)
     dataset = InMemoryMapsDataset(
         images[train_idx], train_labels[train_idx], maps[train_idx], has_map[train_idx]
     )
-    old_scores = held_out_scores(model, images[gate_idx], labels[gate_idx], maps[gate_idx], device)
     config = TrainConfig(
         epochs=settings.finetune_epochs,
         batch_size=settings.finetune_batch_size,
@@ -170,7 +182,9 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         dataset=dataset,
         progress=on_epoch,
     )
-    new_scores = held_out_scores(model, images[gate_idx], labels[gate_idx], maps[gate_idx], device)
+    new_scores = held_out_scores(
+        *predict_all(model, images[gate_idx], device, batch), labels[gate_idx], maps[gate_idx]
+    )
     trained_ids = [examples[i].annotation_id for i in train_idx.tolist()]
     record: dict[str, Any] = {
         "project": project,
