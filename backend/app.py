@@ -254,10 +254,9 @@ def model_to_serve(settings: Settings) -> Path:
     if (settings.model_dir / "registry.json").is_file():
         from backend.registry import ModelRegistry
 
-        registry = ModelRegistry(settings.model_dir)
-        current = registry.current()
-        if current is not None:
-            return registry.checkpoint_path(current["version"])
+        published = ModelRegistry(settings.model_dir).current_checkpoint()
+        if published is not None:
+            return published
     if settings.checkpoint is None:
         raise SettingsError(
             f"no model to serve: {settings.model_dir} has no published version; "

@@ -167,11 +167,9 @@ def cmd_label_config(args: argparse.Namespace) -> None:
 
     checkpoint = args.checkpoint
     if checkpoint is None:
-        registry = ModelRegistry(Settings.from_env().model_dir)
-        current = registry.current()
-        if current is None:
-            raise SystemExit("error: no --checkpoint given and MODEL_DIR has no published version")
-        checkpoint = registry.checkpoint_path(current["version"])
+        checkpoint = ModelRegistry(Settings.from_env().model_dir).current_checkpoint()
+    if checkpoint is None:
+        raise SystemExit("error: no --checkpoint given and MODEL_DIR has no published version")
     meta, _ = read_checkpoint(checkpoint)
     print(label_config_for(list(meta["classes"])), end="")
 

@@ -39,7 +39,7 @@ class RegistryWatcher:
                 self._seen = stamp
                 return False
             # The checkpoint's record carries its version, so it is served as current["version"].
-            self.served.swap_checkpoint(self.registry.root / current["path"])
+            self.served.swap_checkpoint(self.registry.checkpoint_path(current["version"]))
         except (RegistryError, CheckpointError, OSError) as exc:
             self.last_error = str(exc)
             log.error(

@@ -83,6 +83,11 @@ class ModelRegistry:
     def checkpoint_path(self, version: str) -> Path:
         return self.versions_dir / f"{version}.pt"
 
+    def current_checkpoint(self) -> Path | None:
+        """The served version's checkpoint, or None before anything is published."""
+        current = self.current()
+        return None if current is None else self.checkpoint_path(current["version"])
+
     @staticmethod
     def _record(index: dict[str, Any], version: str) -> dict[str, Any]:
         for record in index["versions"]:
@@ -126,7 +131,7 @@ class ModelRegistry:
         with self._locked():
             index = self._read()
             record = self._record(index, version)
-            read_checkpoint(self.root / record["path"])
+            read_checkpoint(self.checkpoint_path(version))
             index["current"] = version
             write_json_atomically(self.index_path, index)
             return record

@@ -131,7 +131,7 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
     current = registry.current()
     if current is None:
         raise RuntimeError("no published model to fine-tune: start the backend once first")
-    model, meta = load_checkpoint(registry.root / current["path"], device=device)
+    model, meta = load_checkpoint(registry.checkpoint_path(current["version"]), device=device)
     meta = {**meta, "parent_version": current["version"]}
     corrections = [c for c in store.corrections(project) if c.target.shape[0] > 0]
     side = map_size_for(meta["image_size"])

@@ -206,7 +206,7 @@ def main() -> None:
                     break
 
             before = [timed_post(session, base + "/predict", predict)[0] for _ in range(20)]
-            model, meta2 = load_checkpoint(registry.root / registry.current()["path"])
+            model, meta2 = load_checkpoint(registry.current_checkpoint())
             during: list[float] = []
             registry.publish(model, meta2, reason="swap bench")
             swap_end = time.monotonic() + 2.0
