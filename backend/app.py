@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -496,8 +495,28 @@ def _type(value: object) -> str:
 # ---------------------------------------------------------------------------- gunicorn
 
 
+def prepare_to_serve(settings: Settings) -> Path:
+    """Publish the checkpoint on a first start, and check the model to serve, once.
+
+    Run by :func:`serve` in a fresh process before gunicorn forks; failing here, once, is
+    clearer than failing in every worker.
+    """
+    from backend.registry import ModelRegistry
+    from model.checkpoint import read_checkpoint
+
+    if settings.checkpoint is not None:
+        record, published = ModelRegistry(settings.model_dir).publish_initial(settings.checkpoint)
+        if published:
+            log.info("published %s as %s", settings.checkpoint, record["version"])
+    source = model_to_serve(settings)
+    meta, _ = read_checkpoint(source)
+    if meta.get("kind") != "abn":
+        raise SettingsError(f"{source} is a {meta.get('kind')!r} checkpoint; serving needs an ABN")
+    return source
+
+
 def serve(
-    host: str = "0.0.0.0",
+    host: str = "127.0.0.1",
     port: int = 9090,
     checkpoint: str | Path | None = None,
     workers: int = 1,
@@ -515,15 +534,14 @@ def serve(
     from gunicorn.app.base import BaseApplication
 
     from backend import metrics as metrics_mod
-    from model.checkpoint import read_checkpoint
+    from backend.isolation import run_in_fresh_process
 
     settings = settings or Settings.from_env()
     if checkpoint is not None:
         settings = settings.replace(checkpoint=Path(checkpoint))
-    source = model_to_serve(settings)
-    meta, _ = read_checkpoint(source)  # fail here, once, rather than in every worker
-    if meta.get("kind") != "abn":
-        raise SettingsError(f"{source} is a {meta.get('kind')!r} checkpoint; serving needs an ABN")
+    settings.check_exposure(host)
+    # This process forks the workers, so it must not run torch itself (backend/isolation.py).
+    source = run_in_fresh_process(prepare_to_serve, settings)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -532,8 +550,10 @@ def serve(
     workers = max(1, int(workers))
     metrics_dir = None
     if workers > 1 and not metrics_mod.multiprocess_dir():
-        metrics_dir = tempfile.mkdtemp(prefix="abn-metrics-")
-        metrics_mod.enable_multiprocess(metrics_dir)
+        # Under MODEL_DIR, not /tmp: a master killed with SIGKILL cannot remove its folder, so
+        # the next start removes the folders of masters that are gone.
+        metrics_dir = metrics_mod.make_multiprocess_dir(settings.model_dir / "metrics")
+        metrics_mod.enable_multiprocess(str(metrics_dir))
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
 
     def post_fork(server: Any, worker: Any) -> None:

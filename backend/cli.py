@@ -54,15 +54,15 @@ def ensure_published(settings: Settings, checkpoint: Path | None) -> dict:
             log.info("MODEL_DIR already serves %s; --checkpoint is ignored", current["version"])
         return current
     source = checkpoint or default_checkpoint(settings)
-    record = registry.publish_file(source, reason="initial model")
-    log.info("published %s as %s", source, record["version"])
+    record, _ = registry.publish_initial(source)
+    log.info("published %s as %s", record.get("source", source), record["version"])
     return record
 
 
 def cmd_run(args: argparse.Namespace) -> None:
     from backend.redis_connection import EmbeddedRedis
 
-    settings = Settings.from_env()
+    settings = serving_settings(args)
     current = ensure_published(settings, args.checkpoint or settings.checkpoint)
     env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
     with EmbeddedRedis() if not settings.redis_url else contextlib.nullcontext() as redis:
@@ -143,11 +143,8 @@ def print_connection_help(host: str, port: int, version: str, settings: Settings
 def cmd_serve(args: argparse.Namespace) -> None:
     from backend.app import serve
 
-    settings = Settings.from_env()
-    checkpoint = args.checkpoint or settings.checkpoint
-    if checkpoint is not None:
-        ensure_published(settings, checkpoint)  # before gunicorn forks: one publication
-    serve(args.host, args.port, checkpoint=args.checkpoint, workers=args.workers)
+    settings = serving_settings(args)
+    serve(args.host, args.port, checkpoint=args.checkpoint, workers=args.workers, settings=settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
@@ -192,12 +189,33 @@ def cmd_versions(args: argparse.Namespace) -> None:
 
 
 def add_serving_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=9090)
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; anything beyond loopback needs BASIC_AUTH_USER/PASS "
+        "(or --no-auth)",
+    )
+    parser.add_argument("--port", type=int, default=9090, help="port to listen on")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument(
         "--checkpoint", type=Path, help="model to serve while MODEL_DIR holds no published version"
     )
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="listen beyond loopback without basic auth (ABN_ALLOW_UNAUTHENTICATED=1): only "
+        "behind something else that authenticates",
+    )
+
+
+def serving_settings(args: argparse.Namespace) -> Settings:
+    """The environment's settings with --no-auth applied, refused early if exposed unsafely."""
+    settings = Settings.from_env()
+    if args.no_auth:
+        os.environ["ABN_ALLOW_UNAUTHENTICATED"] = "1"  # for the processes started from here
+        settings = settings.replace(allow_unauthenticated=True)
+    settings.check_exposure(args.host)
+    return settings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,11 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     model_cli.add_commands(sub)
 
-    p = sub.add_parser("run", help="backend + worker + embedded Redis: the main job")
+    p = sub.add_parser(
+        "run",
+        help="backend + worker + embedded Redis: the main job",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_serving_options(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("serve", help="the backend alone (gunicorn)")
+    p = sub.add_parser(
+        "serve",
+        help="the backend alone (gunicorn)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     add_serving_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -57,17 +57,26 @@ class TrainingQueue:
         except RedisError as exc:
             log.warning("Redis unreachable (%s): training of project %s deferred", exc, project)
             return "deferred"
-        self.store.clear_request(project)
+        if outcome != "again":
+            self.store.clear_request(project)
         return outcome
 
     def flush(self) -> int:
-        """Hand the requests that waited for Redis to the queue; returns how many went."""
+        """Hand the waiting requests to the queue; returns how many went.
+
+        A request waits for Redis to come back, or, when it was answered "again", until a job
+        exists that will see it: the running job's own re-run, or, if that job's worker died
+        (no heartbeat), a new job. Without this, a trigger sent just after a worker was killed
+        asked a dead job to run again, and no job ever ran.
+        """
         sent = 0
         for project, reason in self.store.pending_requests():
             try:
-                self._enqueue(project, reason)
+                outcome = self._enqueue(project, reason)
             except RedisError:
                 return sent
+            if outcome == "again":
+                continue
             self.store.clear_request(project)
             sent += 1
         return sent
@@ -133,5 +142,10 @@ class TrainingQueue:
             if job_id is None or not self._exists(job_id):
                 continue
             job = Job.fetch(job_id.decode(), connection=self.redis)
-            jobs.append({"id": job.id, "status": str(job.get_status()), **job.meta})
+            status = job.get_status()
+            project = key.decode().removeprefix(job_key(""))
+            shown = getattr(status, "value", str(status))
+            if status == JobStatus.STARTED and not self.redis.exists(alive_key(project)):
+                shown = "lost"  # its worker died; the next request or flush replaces it
+            jobs.append({"id": job.id, "status": shown, **job.meta})
         return {"queued": len(self.queue), "jobs": jobs}

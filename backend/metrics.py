@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -143,6 +145,33 @@ def enable_multiprocess(path: str) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     if values.ValueClass is values.MutexValue:
         values.ValueClass = values.MultiProcessValue()
+
+
+def make_multiprocess_dir(parent: Path) -> Path:
+    """A fresh folder for this process's multiprocess values, under `parent`.
+
+    Folders are named by the owning process id; those whose process is gone (a master killed
+    with SIGKILL never ran its exit hook) are removed first.
+    """
+    parent.mkdir(parents=True, exist_ok=True)
+    for old in parent.glob("gunicorn-*"):
+        pid = old.name.removeprefix("gunicorn-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = parent / f"gunicorn-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, and not ours to judge
+        return True
+    return True
 
 
 def mark_worker_dead(pid: int) -> None:

@@ -102,29 +102,49 @@ class ModelRegistry:
         `record` carries the lineage: parent version, annotation ids, settings, gate metrics.
         """
         with self._locked():
-            index = self._read()
-            number = 1 + max((int(r["version"][1:]) for r in index["versions"]), default=0)
-            version = f"v{number}"
-            path = self.checkpoint_path(version)
-            save_checkpoint(path, model, {**meta, "version": version})
-            entry = {
-                "version": version,
-                "path": str(path.relative_to(self.root)),
-                "published_at": time.time(),
-                "parent_version": meta.get("parent_version"),
-                "arch": meta["arch"],
-                "classes": meta["classes"],
-                **record,
-            }
-            index["versions"].append(entry)
-            index["current"] = version
-            write_json_atomically(self.index_path, index)
-            return entry
+            return self._publish(model, meta, record)
+
+    def _publish(
+        self, model: nn.Module, meta: dict[str, Any], record: dict[str, Any]
+    ) -> dict[str, Any]:
+        """:meth:`publish` for a caller that holds the lock."""
+        index = self._read()
+        number = 1 + max((int(r["version"][1:]) for r in index["versions"]), default=0)
+        version = f"v{number}"
+        path = self.checkpoint_path(version)
+        save_checkpoint(path, model, {**meta, "version": version})
+        entry = {
+            "version": version,
+            "path": str(path.relative_to(self.root)),
+            "published_at": time.time(),
+            "parent_version": meta.get("parent_version"),
+            "arch": meta["arch"],
+            "classes": meta["classes"],
+            **record,
+        }
+        index["versions"].append(entry)
+        index["current"] = version
+        write_json_atomically(self.index_path, index)
+        return entry
 
     def publish_file(self, checkpoint: str | Path, **record: Any) -> dict[str, Any]:
         """Publish an existing checkpoint file as a version (the first model of a deployment)."""
         model, meta = load_checkpoint(checkpoint)
         return self.publish(model, meta, source=str(checkpoint), **record)
+
+    def publish_initial(self, checkpoint: str | Path) -> tuple[dict[str, Any], bool]:
+        """The current version's record, publishing `checkpoint` first if nothing is published.
+
+        The second value says whether this call published it. The check and the publication
+        happen under one lock, so processes starting together publish one version, not several.
+        """
+        with self._locked():
+            current = self.current()
+            if current is not None:
+                return current, False
+            model, meta = load_checkpoint(checkpoint)
+            record = {"source": str(checkpoint), "reason": "initial model"}
+            return self._publish(model, meta, record), True
 
     def rollback(self, version: str) -> dict[str, Any]:
         """Serve an earlier (or any published) version again; its checkpoint must still load."""

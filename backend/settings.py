@@ -10,6 +10,7 @@ confusing failure inside a request.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ class Settings:
     label_studio_api_key: str | None = None
     basic_auth_user: str | None = None
     basic_auth_pass: str | None = None
+    # ABN_ALLOW_UNAUTHENTICATED=1: serve beyond loopback with no basic auth (README, Security).
+    allow_unauthenticated: bool = False
 
     # Serving.
     checkpoint: Path | None = None  # ABN_CHECKPOINT: served while MODEL_DIR holds no version
@@ -83,6 +86,9 @@ class Settings:
             label_studio_api_key=get("LABEL_STUDIO_API_KEY"),
             basic_auth_user=get("BASIC_AUTH_USER"),
             basic_auth_pass=get("BASIC_AUTH_PASS"),
+            allow_unauthenticated=_bool(
+                env, "ABN_ALLOW_UNAUTHENTICATED", defaults.allow_unauthenticated
+            ),
             checkpoint=Path(checkpoint) if checkpoint else None,
             device=get("ABN_DEVICE") or defaults.device,
             batch_size=_int(env, "ABN_BATCH_SIZE", defaults.batch_size, 1, 4096),
@@ -138,6 +144,22 @@ class Settings:
         new.check()
         return new
 
+    def check_exposure(self, host: str) -> None:
+        """Refuse to listen beyond loopback without authentication, unless told to.
+
+        Without basic auth, anyone who reaches the port can reconnect a project to another
+        Label Studio host, roll back versions, inject corrections and start training.
+        """
+        if self.auth_enabled or self.allow_unauthenticated or is_loopback(host):
+            return
+        raise SettingsError(
+            f"refusing to listen on {host!r} without authentication: anyone who can reach it "
+            "could rewire projects, inject corrections and roll back the model. Set "
+            "BASIC_AUTH_USER and BASIC_AUTH_PASS (and the same in Label Studio's model "
+            "connection), or listen on 127.0.0.1, or set ABN_ALLOW_UNAUTHENTICATED=1 "
+            "(--no-auth) if something in front of the backend authenticates"
+        )
+
     @property
     def auth_enabled(self) -> bool:
         """Whether every route requires HTTP basic auth."""
@@ -154,6 +176,17 @@ class Settings:
     def projects_dir(self) -> Path:
         """Per-project connection records (host, token) that /setup received."""
         return self.model_dir / "projects"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address to listen on) is reachable from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _url(value: str | None, name: str) -> str | None:

@@ -1,8 +1,7 @@
-"""Corrections: brush to target, the durable store, the registry and the training queue."""
+"""Corrections: brush to target, the durable store, and the registry."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +15,7 @@ from backend.corrections import (
     brush_alpha,
     correction_from_annotation,
 )
-from backend.jobs import TrainingQueue, again_key, job_key
 from backend.label_config import default_targets
-from backend.redis_connection import EmbeddedRedis, connect
 from backend.registry import ModelRegistry, RegistryError
 from model import build_abn
 from model.checkpoint import CheckpointError, make_meta
@@ -163,55 +160,6 @@ def test_registry_versions_rollback_and_refusals(tmp_path: Path) -> None:
     assert registry.current()["version"] == "v3"
     leftovers = [p for p in registry.versions_dir.iterdir() if p.suffix != ".pt"]
     assert leftovers == []
-
-
-@pytest.fixture
-def redis_url(tmp_path: Path) -> Iterator[str]:
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        yield server.url
-
-
-def test_training_requests_fold_into_one_job(redis_url: str, tmp_path: Path) -> None:
-    store = CorrectionStore(tmp_path / "c.sqlite3")
-    queue = TrainingQueue(connect(redis_url), store)
-    assert queue.request("1", "START_TRAINING") == "queued"
-    assert queue.request("1", "10 new corrections") == "folded"
-    assert queue.request("2", "START_TRAINING") == "queued"  # projects are independent
-    assert len(queue.queue) == 2
-    job = queue.queue.jobs[0]
-    queue.queue.remove(job)  # what a worker does as it starts the job
-    job.set_status("started")
-    queue.heartbeat("1")
-    assert queue.request("1", "more") == "again"
-    assert queue.redis.get(again_key("1")) == b"more"
-    queue.release("1")  # the running job ends: it is asked to run once more
-    assert queue.redis.get(job_key("1")) not in (None, job.id.encode())
-    assert len(queue.queue) == 2
-    assert store.pending_requests() == []
-
-
-def test_a_started_job_without_heartbeat_is_taken_as_dead(redis_url: str, tmp_path: Path) -> None:
-    queue = TrainingQueue(connect(redis_url), CorrectionStore(tmp_path / "c.sqlite3"))
-    assert queue.request("1", "START_TRAINING") == "queued"
-    job = queue.queue.jobs[0]
-    queue.queue.remove(job)
-    job.set_status("started")  # ...and its worker was killed: no heartbeat
-    assert queue.request("1", "again") == "queued"
-    assert queue.redis.get(job_key("1")) != job.id.encode()
-
-
-def test_training_requests_wait_for_redis(tmp_path: Path) -> None:
-    store = CorrectionStore(tmp_path / "c.sqlite3")
-    with EmbeddedRedis(tmp_path / "redis") as server:
-        url = server.url
-    queue = TrainingQueue(connect(url), store)  # the server is gone now
-    assert queue.request("1", "START_TRAINING") == "deferred"
-    assert store.pending_requests() == [("1", "START_TRAINING")]
-    with EmbeddedRedis(tmp_path / "redis"):  # back, at the same address
-        queue = TrainingQueue(connect(url), store)
-        assert queue.flush() == 1
-        assert len(queue.queue) == 1
-    assert store.pending_requests() == []
 
 
 def test_registry_records_lineage(tmp_path: Path) -> None:

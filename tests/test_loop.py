@@ -27,6 +27,9 @@ from model import load_checkpoint
 
 CONFIG = label_config_for(CLASSES)
 IMAGE_SIZE = (48, 40)  # width, height of the served test images
+# How long a swap may take before a test calls it lost. Generous: on a busy machine loading a
+# version takes seconds; how fast a swap really is is measured in bench/loop.py.
+SWAP_WAIT = 60
 
 
 @pytest.fixture
@@ -156,8 +159,8 @@ def test_corrections_train_publish_and_hot_swap(loop: Loop) -> None:
     wait_for(lambda: loop.registry().current()["version"] == "v2", 240, "v2: " + loop.log("worker"))
     record = loop.registry().current()
     assert record["parent_version"] == "v1"
-    assert set(record["annotation_ids"]) <= {100, 101, 102}
-    wait_for(lambda: loop.everyone_serves("v2"), 2.5, "every process to swap to v2")
+    assert record["annotation_ids"] and set(record["annotation_ids"]) <= {100, 101, 102}
+    wait_for(lambda: loop.everyone_serves("v2"), SWAP_WAIT, "every process to swap to v2")
     prediction = predict(loop)
     assert prediction["results"][0]["model_version"] == "v2"
     assert loop.get("/versions")["versions"][:2] == ["v1", "v2"]
@@ -185,11 +188,11 @@ def test_a_model_failing_the_gate_is_not_published(loop: Loop) -> None:
 def test_rollback_over_http_and_cli(loop: Loop, tiny_checkpoint: Path) -> None:
     model, meta = load_checkpoint(tiny_checkpoint)
     loop.registry().publish(model, meta, reason="test")
-    wait_for(lambda: loop.everyone_serves("v2"), 2.5, "the swap to v2")
+    wait_for(lambda: loop.everyone_serves("v2"), SWAP_WAIT, "the swap to v2")
     assert loop.post("/rollback", {"version": "v9"}).status_code == 404
     reply = loop.post("/rollback", {"version": "v1"})
     assert reply.status_code == 200, reply.text
-    wait_for(lambda: loop.everyone_serves("v1"), 2.5, "the rollback to v1")
+    wait_for(lambda: loop.everyone_serves("v1"), SWAP_WAIT, "the rollback to v1")
     cli = subprocess.run(
         [sys.executable, "-m", "backend", "rollback", "v2"],
         env=loop.env,
@@ -199,12 +202,12 @@ def test_rollback_over_http_and_cli(loop: Loop, tiny_checkpoint: Path) -> None:
         timeout=60,
     )
     assert cli.returncode == 0, cli.stderr
-    wait_for(lambda: loop.everyone_serves("v2"), 2.5, "the rollback to v2")
+    wait_for(lambda: loop.everyone_serves("v2"), SWAP_WAIT, "the rollback to v2")
 
 
 def test_hot_swap_under_load_drops_nothing(loop: Loop, tiny_checkpoint: Path) -> None:
     failures: list[str] = []
-    seen: list[tuple[float, str]] = []
+    seen: list[tuple[float, str]] = []  # (when the request was sent, the version answering)
     stop = threading.Event()
 
     def hammer() -> None:
@@ -214,6 +217,7 @@ def test_hot_swap_under_load_drops_nothing(loop: Loop, tiny_checkpoint: Path) ->
                 "tasks": [{"id": 0, "data": {"image": "/data/upload/1/0.png"}}],
                 "label_config": CONFIG,
             }
+            sent = time.monotonic()
             try:
                 reply = session.post(loop.base + "/predict", json=body, timeout=30)
             except requests.RequestException as exc:
@@ -226,7 +230,7 @@ def test_hot_swap_under_load_drops_nothing(loop: Loop, tiny_checkpoint: Path) ->
             [result] = payload["results"]
             if not result["result"] or result["model_version"] != payload["model_version"]:
                 failures.append(str(payload)[:300])
-            seen.append((time.monotonic(), result["model_version"]))
+            seen.append((sent, result["model_version"]))
 
     threads = [threading.Thread(target=hammer) for _ in range(3)]
     for t in threads:
@@ -235,16 +239,20 @@ def test_hot_swap_under_load_drops_nothing(loop: Loop, tiny_checkpoint: Path) ->
         time.sleep(1.0)
         model, meta = load_checkpoint(tiny_checkpoint)
         loop.registry().publish(model, meta, reason="swap under load")
-        published = time.monotonic()
-        wait_for(lambda: any(v == "v2" for _, v in seen), 5, "a response from v2")
-        time.sleep(2.5)
+        # Bounded, not timed: every worker must come to serve v2 while the load goes on.
+        wait_for(lambda: loop.everyone_serves("v2"), SWAP_WAIT, "every worker to serve v2")
+        swapped = time.monotonic()
+        wait_for(
+            lambda: sum(t > swapped for t, _ in seen) >= 6, SWAP_WAIT, "responses after the swap"
+        )
     finally:
         stop.set()
         for t in threads:
             t.join()
     assert failures == []
     assert {v for _, v in seen} == {"v1", "v2"}
-    late = [v for t, v in seen if t > published + 2.0]
+    # A request sent once every worker serves v2 is answered by v2 (no worker swaps back).
+    late = [v for t, v in seen if t > swapped]
     assert late and set(late) == {"v2"}
 
 
@@ -262,11 +270,11 @@ def test_worker_killed_mid_job_leaves_the_served_model(loop: Loop) -> None:
     assert loop.registry().current()["version"] == "v1"
     assert sorted(p.name for p in loop.registry().versions_dir.iterdir()) == ["v1.pt"]
     assert loop.version() == "v1"
-    # The job can be run again: a new worker, a new request.
-    loop.start("worker2", "worker")
-    time.sleep(11)  # the dead job's heartbeat expires
+    # A trigger sent at once, while the dead job's heartbeat has not yet expired, is answered
+    # "again" (the job looks alive); it must still lead to a job once the heartbeat is gone.
     reply = loop.post("/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
-    assert reply.json()["training"] == "queued"
+    assert reply.json()["training"] in ("again", "queued")
+    loop.start("worker2", "worker")
     wait_for(
         lambda: loop.registry().current()["version"] == "v2",
         240,

@@ -1,0 +1,146 @@
+"""`abn serve` and `abn run` as an operator starts them: first start, exposure, leftovers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from processes import ROOT, free_port, wait_for
+
+from backend.registry import ModelRegistry
+from backend.settings import Settings, SettingsError, is_loopback
+
+START_WAIT = 240  # a first start loads torch twice on a possibly busy machine; a hang never ends
+
+
+def _serve(model_dir: Path, log: Path, *args: str, **env: str) -> subprocess.Popen:
+    environment = {**os.environ, "MODEL_DIR": str(model_dir), **env}
+    for name in ("PROMETHEUS_MULTIPROC_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        environment.pop(name, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "backend", "serve", *args],
+        cwd=ROOT,
+        env=environment,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _healthy(proc: subprocess.Popen, base: str, log: Path) -> bool:
+    assert proc.poll() is None, log.read_text()
+    try:
+        return requests.get(f"{base}/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_first_start_with_a_checkpoint_answers_with_parallel_torch(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Empty MODEL_DIR, one worker, torch allowed two threads: this start used to hang forever.
+
+    The master published the checkpoint (a parallel load_state_dict) and then forked; the worker
+    waited forever in libgomp. Now the master does no torch work of its own.
+    """
+    port = free_port()
+    log = tmp_path / "serve.log"
+    model_dir = tmp_path / "model_dir"
+    proc = _serve(
+        model_dir,
+        log,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        OMP_NUM_THREADS="2",
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(proc, base, log), START_WAIT, "/health: " + log.read_text())
+        assert requests.get(f"{base}/health", timeout=30).json()["model_version"] == "v1"
+    finally:
+        _stop(proc)
+    assert ModelRegistry(model_dir).current()["version"] == "v1"
+    assert proc.returncode == 0, log.read_text()
+
+
+def test_a_killed_master_leaves_nothing_the_next_start_keeps(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Several workers share a metrics folder; SIGKILL cannot clean it, the next start does."""
+    model_dir = tmp_path / "model_dir"
+    ModelRegistry(model_dir).publish_file(tiny_checkpoint, reason="initial model")
+    before = set(Path("/tmp").glob("abn-metrics-*"))
+    log = tmp_path / "serve.log"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    first = _serve(model_dir, log, "--port", str(port), "--workers", "2", OMP_NUM_THREADS="1")
+    try:
+        wait_for(lambda: _healthy(first, base, log), START_WAIT, "/health: " + log.read_text())
+        [stale] = (model_dir / "metrics").iterdir()
+        assert stale.name == f"gunicorn-{first.pid}"
+    finally:
+        _stop(first, signal.SIGKILL)
+    assert stale.is_dir()  # nobody could remove it
+    second = _serve(model_dir, log, "--port", str(port), "--workers", "2", OMP_NUM_THREADS="1")
+    try:
+        wait_for(lambda: _healthy(second, base, log), START_WAIT, "/health: " + log.read_text())
+        assert [p.name for p in (model_dir / "metrics").iterdir()] == [f"gunicorn-{second.pid}"]
+    finally:
+        _stop(second)
+    assert list((model_dir / "metrics").iterdir()) == []  # a clean stop removes its own
+    assert set(Path("/tmp").glob("abn-metrics-*")) == before
+
+
+@pytest.mark.parametrize("command", ["serve", "run"])
+def test_listening_beyond_loopback_needs_auth(tmp_path: Path, command: str) -> None:
+    env = {**os.environ, "MODEL_DIR": str(tmp_path / "model_dir")}
+    for name in ("BASIC_AUTH_USER", "BASIC_AUTH_PASS", "ABN_ALLOW_UNAUTHENTICATED"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [sys.executable, "-m", "backend", command, "--host", "0.0.0.0", "--port", "1"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0
+    assert "refusing to listen on '0.0.0.0' without authentication" in done.stderr
+    assert "BASIC_AUTH_USER" in done.stderr
+    assert not (tmp_path / "model_dir" / "registry.json").exists()  # refused before anything
+
+
+def test_exposure_rules() -> None:
+    open_settings = Settings()
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]", "127.0.0.2"):
+        assert is_loopback(host)
+        open_settings.check_exposure(host)
+    for host in ("0.0.0.0", "::", "10.0.0.5", "backend.example"):
+        assert not is_loopback(host)
+        with pytest.raises(SettingsError, match="without authentication"):
+            open_settings.check_exposure(host)
+    Settings(basic_auth_user="u", basic_auth_pass="p").check_exposure("0.0.0.0")
+    Settings(allow_unauthenticated=True).check_exposure("0.0.0.0")
+    env = Settings.from_env({"ABN_ALLOW_UNAUTHENTICATED": "1"})
+    assert env.allow_unauthenticated
+    with pytest.raises(SettingsError, match="ABN_ALLOW_UNAUTHENTICATED"):
+        Settings.from_env({"ABN_ALLOW_UNAUTHENTICATED": "maybe"})
