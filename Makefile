@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 LS_VENV := .venv-ls
 BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 9090
 
 .PHONY: run test lint bench e2e clean
 
@@ -22,7 +24,7 @@ $(LS_VENV)/.installed: requirements-label-studio.txt
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/abn run
+	$(BIN)/abn run --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

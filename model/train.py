@@ -208,11 +208,19 @@ def freeze_trunk(model: ABN) -> list[nn.Parameter]:
     return [p for branch in model.branches() for p in branch.parameters()]
 
 
-def set_branches_train(model: ABN) -> None:
-    """Branches learn, trunk stays in eval mode so its BatchNorm statistics never move."""
+def set_branches_train(model: ABN, batch_statistics: bool = True) -> None:
+    """Branches learn, trunk stays in eval mode so its BatchNorm statistics never move.
+
+    Without `batch_statistics` the branches' BatchNorm layers use their running statistics:
+    a batch of one sample has no batch statistics to give (PyTorch refuses it).
+    """
     model.eval()
     for branch in model.branches():
         branch.train()
+        if not batch_statistics:
+            for module in branch.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
 
 @torch.no_grad()
@@ -282,7 +290,7 @@ def finetune(
     history = []
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
-        set_branches_train(model)
+        set_branches_train(model, batch_statistics=len(source) > 1)
         loss_sum = seen = 0.0
         bar = tqdm(loader, desc=f"fine-tune {epoch}/{config.epochs}", unit="batch", leave=False)
         for inputs, labels, maps, has_map in bar:

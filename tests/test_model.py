@@ -12,7 +12,13 @@ import torch
 
 from model import build_abn, build_resnet, load_checkpoint, save_checkpoint
 from model.checkpoint import CheckpointError, make_meta
-from model.data import AttentionDataset, DatasetError, find_classes, list_samples
+from model.data import (
+    AttentionDataset,
+    DatasetError,
+    InMemoryMapsDataset,
+    find_classes,
+    list_samples,
+)
 from model.decoy_digits import build_decoy_digits
 from model.losses import map_loss
 from model.maps import bubbles_to_map, mask_to_map
@@ -101,6 +107,25 @@ def test_finetune_step_touches_only_the_branches(decoy: Path) -> None:
     for before, branch in zip(branches_before, model.branches(), strict=True):
         after = _snapshot(branch)
         assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_finetune_on_a_single_sample_learns_without_batch_statistics() -> None:
+    """A round with one training correction used to crash in BatchNorm ("more than 1 value")."""
+    torch.manual_seed(0)
+    model = build_abn("resnet18", 3)
+    meta = make_meta("abn", "resnet18", ["a", "b", "c"], image_size=32)
+    data = InMemoryMapsDataset(
+        torch.randn(1, 3, 32, 32), torch.tensor([1]), torch.rand(1, 1, 2, 2), torch.tensor([True])
+    )
+    branches_before = [_snapshot(b) for b in model.branches()]
+    config = TrainConfig(epochs=2, batch_size=8, device="cpu")
+    tuned, new_meta = finetune(model, meta, "one correction", config, dataset=data)
+    assert len(new_meta["history"]) == 2
+    for before, branch in zip(branches_before, tuned.branches(), strict=True):
+        after = _snapshot(branch)
+        assert any(not torch.equal(before[k], after[k]) for k in before if "running" not in k)
+        for key in (k for k in before if "running" in k):  # statistics were used, not moved
+            assert torch.equal(before[key], after[key]), key
 
 
 def test_feature_cache_gives_the_same_loss_as_recomputing(decoy: Path) -> None:
