@@ -33,14 +33,15 @@ import re
 import shutil
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
-from flask import Flask, Response, g, jsonify, request
-from werkzeug.exceptions import HTTPException
+from flask import Flask, Response, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from backend.images import ImageFetchError, ImageLoader, LabelStudioConnection, LoadedImage
 from backend.label_config import LabelConfigError, check_config, default_targets
@@ -48,6 +49,16 @@ from backend.loop import TrainingLoop
 from backend.metrics import Metrics
 from backend.predictions import empty_prediction, to_label_studio
 from backend.registry import RegistryError
+from backend.schemas import (
+    WEBHOOK_EVENTS,
+    Body,
+    BodyError,
+    PredictBody,
+    RollbackBody,
+    SetupBody,
+    WebhookBody,
+    check,
+)
 from backend.serving import ServedModel, Snapshot
 from backend.settings import Settings, SettingsError
 from backend.webhooks import WebhookError
@@ -55,8 +66,9 @@ from model.checkpoint import CheckpointError
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
 FETCH_THREADS = 8
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods that label the request metrics as themselves; any other is counted as ``other``."""
 
 
 class RequestError(ValueError):
@@ -102,9 +114,10 @@ def create_app(
         )
 
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.extensions["abn"] = state
+    paths = PathScrubber(settings.model_dir)
 
     @app.before_request
     def _before() -> Response | None:
@@ -117,8 +130,10 @@ def create_app(
 
     @app.after_request
     def _after(response: Response) -> Response:
+        # Bounded label values: the app's own routes and the known methods, whatever was sent.
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
-        state.metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        method = request.method if request.method in HTTP_METHODS else "other"
+        state.metrics.requests.labels(route, method, str(response.status_code)).inc()
         started = g.get("started")
         if started is not None:
             state.metrics.latency.labels(route).observe(time.perf_counter() - started)
@@ -130,6 +145,12 @@ def create_app(
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
+        if isinstance(exc, RequestEntityTooLarge):
+            return _error(
+                413,
+                f"the request body is larger than ABN_MAX_REQUEST_BYTES="
+                f"{settings.max_request_bytes} bytes",
+            )
         return _error(exc.code or 500, exc.description or exc.name)
 
     @app.errorhandler(Exception)
@@ -143,11 +164,11 @@ def create_app(
 
     @app.post("/setup")
     def setup() -> Response:
-        body = _json_object()
-        schema = _field(body, "schema", str)
-        project = _optional(body, "project", (str, int))
-        hostname = _optional(body, "hostname", str)
-        token = _optional(body, "access_token", str)
+        body = _body(SetupBody)
+        schema = body["schema"]
+        project = body.get("project")
+        hostname = body.get("hostname")
+        token = body.get("access_token")
         snap = state.served.snapshot  # one read: the classes checked are the version answered
         try:
             check_config(schema, snap.classes)
@@ -157,7 +178,13 @@ def create_app(
         if hostname:
             if not re.match(r"^https?://[^\s/]+", hostname):
                 raise RequestError(f"hostname must be an http(s) URL, got {hostname!r}")
-            state.loader.connections.remember(project, hostname, token)
+            try:
+                state.loader.connections.remember(
+                    project, hostname, token, authenticated=settings.auth_enabled
+                )
+            except ValueError as exc:  # backend.images.HostRefused: names the setting
+                log.warning("setup refused for project %s: %s", project, exc)
+                return _error(403, str(exc))
         if state.webhook_auth is not None:
             conn = state.loader.connection_for(project)
             key = state.loader.connections.project_key(project)
@@ -168,16 +195,16 @@ def create_app(
     @app.post("/predict")
     def predict() -> Response:
         body = _json_object()
-        tasks = _field(body, "tasks", list)
-        for i, task in enumerate(tasks):
-            if not isinstance(task, dict):
-                raise RequestError(f"tasks[{i}] must be an object, got {_type(task)}")
-            if not isinstance(task.get("data"), dict):
-                raise RequestError(
-                    f"tasks[{i}].data must be an object, got {_type(task.get('data'))}"
-                )
-        label_config = _optional(body, "label_config", str)
-        project = _optional(body, "project", (str, int))
+        tasks = body.get("tasks")
+        if isinstance(tasks, list) and len(tasks) > settings.max_tasks_per_request:
+            return _error(
+                413,
+                f"{len(tasks)} tasks in one request, more than ABN_MAX_TASKS_PER_REQUEST="
+                f"{settings.max_tasks_per_request}; select fewer tasks at a time",
+            )
+        _check(PredictBody, body)
+        label_config = body.get("label_config")
+        project = body.get("project")
         snap = state.served.snapshot
         try:
             targets = (
@@ -196,43 +223,53 @@ def create_app(
 
     @app.post("/webhook")
     def webhook() -> Response:
-        payload = _json_object()
-        action = _field(payload, "action", str)
+        payload = _body(WebhookBody)
+        action = payload["action"]
         state.metrics.count_webhook(action)
         try:
-            reply = state.loop.webhooks.handle(payload)
+            event = WEBHOOK_EVENTS.get(action)
+            if event is not None:
+                _check(event, payload)
+            reply = state.loop.webhooks.handle(payload, brush_max_pixels=settings.brush_max_pixels)
+        except RequestError as exc:
+            log.warning("webhook %s refused: %s", action, exc)
+            raise
         except WebhookError as exc:
             log.warning("webhook %s refused: %s", action, exc)
-            return _error(400, str(exc))
+            return _error(exc.status, str(exc))
         return jsonify(status="ok", **reply)
 
     @app.get("/versions")
     def versions() -> Response:
         records = state.loop.registry.versions()
         names = [r["version"] for r in records] or [state.served.version]
-        return jsonify(versions=names, current=state.served.version, records=records)
+        return jsonify(versions=names, current=state.served.version, records=paths.scrub(records))
 
     @app.post("/rollback")
     def rollback() -> Response:
-        version = _field(_json_object(), "version", str)
+        version = _body(RollbackBody)["version"]
         try:
             record = state.loop.rollback(version)
         except RegistryError as exc:
-            return _error(404, str(exc))
+            return _error(404, paths.scrub(str(exc)))
         except CheckpointError as exc:
-            return _error(409, f"cannot roll back to {version}: {exc}")
+            return _error(409, f"cannot roll back to {version}: {paths.scrub(str(exc))}")
         return jsonify(status="ok", version=record["version"], serving=state.served.version)
 
     @app.get("/status")
     def status() -> Response:
         return jsonify(
-            status="UP",
-            model_version=state.served.version,
-            model=state.served.info(),
-            pid=os.getpid(),
-            uptime_s=round(time.time() - state.started_at, 1),
-            auth=settings.auth_enabled,
-            **state.loop.status(),
+            paths.scrub(
+                dict(
+                    status="UP",
+                    model_version=state.served.version,
+                    model=state.served.info(),
+                    pid=os.getpid(),
+                    uptime_s=round(time.time() - state.started_at, 1),
+                    auth=settings.auth_enabled,
+                    **state.loop.status(),
+                )
+            )
         )
 
     @app.get("/metrics")
@@ -277,11 +314,14 @@ def predict_tasks(
     """One Label Studio prediction per task, in order, all from snapshot `snap`.
 
     Tasks are handled a batch at a time (fetch the batch's images in parallel, one forward
-    pass, encode), so memory stays bounded however many tasks a request carries.
+    pass, encode), so memory stays bounded however many tasks a request carries. Tasks without
+    an image are logged once per request, counted by reason, with the first of each reason.
     """
     settings = state.settings
     metrics = state.metrics
     results: list[dict[str, Any]] = [empty_prediction(snap.version) for _ in tasks]
+    failed: Counter[str] = Counter()
+    first_failure: dict[str, str] = {}
     batch = max(1, settings.batch_size)
     for start in range(0, len(tasks), batch):
         chunk = list(enumerate(tasks[start : start + batch], start))
@@ -298,8 +338,13 @@ def predict_tasks(
         ready: list[tuple[int, LoadedImage]] = []
         for (index, task), outcome in zip(chunk, loaded, strict=True):
             if isinstance(outcome, ImageFetchError):
-                log.warning("task %s: %s", task.get("id", f"#{index}"), outcome)
                 metrics.count_error(outcome.reason)
+                failed[outcome.reason] += 1
+                if outcome.reason not in first_failure:
+                    where = task.get("id", f"#{index}")
+                    first_failure[outcome.reason] = f"task {where}: {outcome}"[:300]
+                    if outcome.__cause__ is not None:  # a bug: its traceback, once
+                        log.error("%s", first_failure[outcome.reason], exc_info=outcome.__cause__)
             else:
                 ready.append((index, outcome))
         fetched = time.perf_counter()
@@ -317,6 +362,14 @@ def predict_tasks(
             )
         metrics.stage_latency.labels("encode").observe(time.perf_counter() - predicted)
         metrics.predictions.labels(snap.version).inc(len(ready))
+    if failed:
+        log.warning(
+            "/predict: %d of %d tasks got no prediction (%s); first of each: %s",
+            sum(failed.values()),
+            len(tasks),
+            ", ".join(f"{reason} {count}" for reason, count in failed.most_common()),
+            "; ".join(first_failure[reason] for reason, _ in failed.most_common()),
+        )
     return results
 
 
@@ -336,8 +389,9 @@ def _load_task_image(
     except ImageFetchError as exc:
         return exc
     except Exception as exc:  # a loader bug must not sink the other tasks of the batch
-        log.exception("task %s: unexpected error loading %s", task.get("id"), url[:200])
-        return ImageFetchError(f"unexpected error: {type(exc).__name__}: {exc}", "internal")
+        error = ImageFetchError(f"unexpected error: {type(exc).__name__}: {exc}", "internal")
+        error.__cause__ = exc  # predict_tasks logs the traceback of the first one
+        return error
 
 
 # ---------------------------------------------------------------------------- webhooks
@@ -442,9 +496,35 @@ def _error(status: int, message: str) -> Response:
     return response
 
 
+def _read_body() -> bytes | bytearray:
+    """The whole body, however it is framed, or a 413 when it is over the limit.
+
+    With a Content-Length, werkzeug refuses a body over the limit before reading it. A chunked
+    body has no length: werkzeug reads it up to the limit and silently stops there, so the cut
+    body looked like malformed JSON (a 400). Here one byte more than the limit is asked for, and
+    getting it is the 413 it should be.
+    """
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None or "wsgi.input_terminated" not in request.environ:
+        return request.get_data(cache=False)
+    stream = request.environ["wsgi.input"]
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = stream.read(min(_READ_CHUNK, limit + 1 - len(body)))
+        if not chunk:
+            break
+        body += chunk
+    if len(body) > limit:
+        raise RequestEntityTooLarge()
+    return body
+
+
+_READ_CHUNK = 1 << 16
+
+
 def _json_object() -> dict[str, Any]:
     """The body as a JSON object, or a RequestError that says what is wrong with it."""
-    raw = request.get_data(cache=False)
+    raw = _read_body()
     if not raw:
         raise RequestError("the request body is empty; send a JSON object")
     try:
@@ -456,28 +536,46 @@ def _json_object() -> dict[str, Any]:
     return body
 
 
-def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    if name not in body or body[name] is None:
-        raise RequestError(f"missing field {name!r}")
-    return _check_type(body, name, kind)
+def _body(model: type[Body]) -> dict[str, Any]:
+    """The body as a JSON object of the shape `model` declares (``backend/schemas.py``)."""
+    body = _json_object()
+    _check(model, body)
+    return body
 
 
-def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    if body.get(name) is None:
-        return None
-    return _check_type(body, name, kind)
+def _check(model: type[Body], body: dict[str, Any]) -> None:
+    try:
+        check(model, body)
+    except BodyError as exc:
+        raise RequestError(str(exc)) from None
 
 
-def _check_type(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = body[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        want = " or ".join(_JSON_NAMES.get(k, k.__name__) for k in kinds)
-        raise RequestError(f"field {name!r} must be {want}, got {_type(value)}")
-    return value
+class PathScrubber:
+    """Paths as replies show them: relative to MODEL_DIR, or only the file name.
 
+    Absolute paths say how the host is laid out (user names, mount points) to anyone who can
+    call /status or /rollback, and help no caller.
+    """
 
-_JSON_NAMES = {str: "a string", int: "an integer", list: "an array", dict: "an object"}
+    _PART = r"[^\s/'\"()\[\]{}<>,;:]+"  # one path component
+    _ABSOLUTE = re.compile(rf"(?<![\w/.:~-])/(?:{_PART}/)+({_PART})")
+
+    def __init__(self, model_dir: Path) -> None:
+        forms = {str(model_dir), str(model_dir.absolute()), str(model_dir.resolve())}
+        self.prefixes = sorted((f.rstrip("/") + "/" for f in forms if f not in ("", ".")), key=len)
+        self.prefixes.reverse()  # longest first
+
+    def scrub(self, value: Any) -> Any:
+        """`value` with every path in its strings made relative (JSON values: dicts, lists)."""
+        if isinstance(value, str):
+            for prefix in self.prefixes:
+                value = value.replace(prefix, "")
+            return self._ABSOLUTE.sub(r"\1", value)
+        if isinstance(value, dict):
+            return {key: self.scrub(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.scrub(item) for item in value]
+        return value
 
 
 def _type(value: object) -> str:

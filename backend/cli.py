@@ -20,7 +20,7 @@ from backend.registry import ModelRegistry
 from backend.settings import Settings
 from model import cli as model_cli
 from model.checkpoint import read_checkpoint, save_checkpoint
-from model.decoy_digits import NAME as DECOY_DIGITS
+from model.paper.decoy_digits import NAME as DECOY_DIGITS
 from model.train import TrainConfig, train
 
 log = logging.getLogger("abn")

@@ -27,13 +27,20 @@ import numpy as np
 
 from backend.brush import BrushDecodeError, decode_rle
 from backend.label_config import Targets
-from model.maps import mask_to_map
 
 EDITED_ORIGINS = {"prediction-changed", "manual"}
 
 
 class CorrectionError(ValueError):
     """An annotation that cannot become a target; the message says which result and why."""
+
+    status = 400  # the HTTP status of the webhook refused for it
+
+
+class BrushTooLarge(CorrectionError):
+    """A brush whose declared size is over the limit; refused before anything is decoded."""
+
+    status = 413
 
 
 @dataclass(frozen=True)
@@ -51,42 +58,59 @@ class Correction:
     updated_at: str | None = None
 
 
-def brush_alpha(results: list[dict[str, Any]], targets: Targets) -> tuple[np.ndarray, bool] | None:
+def brush_alpha(
+    results: list[dict[str, Any]], targets: Targets, max_pixels: int | None = None
+) -> tuple[np.ndarray, bool] | None:
     """All attention brushes of an annotation merged by maximum, and whether any was edited.
 
     None when the annotation has no attention brush (the annotator erased it all is not that:
-    an emptied brush still arrives as a result).
+    an emptied brush still arrives as a result). A brush whose declared size is over
+    `max_pixels` raises :class:`BrushTooLarge` before it is decoded.
     """
     merged: np.ndarray | None = None
     edited = False
     for index, result in enumerate(results):
+        if not isinstance(result, dict):
+            raise CorrectionError(f"result {index} must be an object")
         if result.get("type") != "brushlabels" or result.get("from_name") != targets.brush:
             continue
         value = result.get("value") or {}
-        if targets.label not in (value.get("brushlabels") or []):
+        labels = value.get("brushlabels") if isinstance(value, dict) else None
+        if not isinstance(labels, list) or targets.label not in labels:
             continue
+        where = f"brush result {index} ({result.get('id')})"
+        width, height = result.get("original_width"), result.get("original_height")
+        for name, side in (("original_width", width), ("original_height", height)):
+            if isinstance(side, bool) or not isinstance(side, int):
+                raise CorrectionError(f"{where}: {name} must be an integer")
+        if max_pixels is not None and width * height > max_pixels:
+            raise BrushTooLarge(
+                f"{where} is {width}x{height} ({width * height} pixels), more than "
+                f"ABN_BRUSH_MAX_PIXELS={max_pixels}"
+            )
         try:
-            width, height = int(result["original_width"]), int(result["original_height"])
-            alpha = decode_rle(value["rle"], height, width)
-        except (KeyError, TypeError, ValueError) as exc:
-            reason = str(exc) if isinstance(exc, BrushDecodeError) else f"missing or bad {exc}"
-            raise CorrectionError(f"brush result {index} ({result.get('id')}): {reason}") from exc
+            alpha = decode_rle(value.get("rle"), height, width)
+        except BrushDecodeError as exc:
+            raise CorrectionError(f"{where}: {exc}") from exc
         if merged is not None and merged.shape != alpha.shape:
             raise CorrectionError(
                 f"brush result {index} is {width}x{height}, another brush of the same image is "
                 f"{merged.shape[1]}x{merged.shape[0]}"
             )
-        merged = alpha if merged is None else np.maximum(merged, alpha)
+        merged = alpha if merged is None else np.maximum(merged, alpha, out=merged)
         edited |= result.get("origin", "manual") in EDITED_ORIGINS
     return None if merged is None else (merged, edited)
 
 
 def chosen_class(results: list[dict[str, Any]], targets: Targets) -> str | None:
     for result in results:
+        if not isinstance(result, dict):
+            continue
         if result.get("type") == "choices" and result.get("from_name") == targets.choices:
-            choices = (result.get("value") or {}).get("choices") or []
-            if choices:
-                return str(choices[0])
+            value = result.get("value")
+            choices = value.get("choices") if isinstance(value, dict) else None
+            if isinstance(choices, list) and choices and isinstance(choices[0], str):
+                return choices[0]
     return None
 
 
@@ -96,20 +120,33 @@ def correction_from_annotation(
     task: dict[str, Any],
     targets: Targets,
     map_size: int,
+    *,
+    max_pixels: int | None = None,
 ) -> Correction | None:
-    """The target of one annotation, or None when it holds no attention brush."""
+    """The target of one annotation, or None when it holds no attention brush.
+
+    A brush over `max_pixels` (original_width * original_height) raises :class:`BrushTooLarge`
+    before it is decoded.
+    """
     results = annotation.get("result")
     if not isinstance(results, list):
         raise CorrectionError("annotation.result must be a list of results")
-    brush = brush_alpha(results, targets)
+    updated_at = annotation.get("updated_at")
+    if updated_at is not None and not isinstance(updated_at, str):
+        raise CorrectionError("annotation.updated_at must be a string")
+    brush = brush_alpha(results, targets, max_pixels)
     if brush is None:
         return None
     alpha, edited = brush
-    image = (task.get("data") or {}).get(targets.data_key)
+    data = task.get("data")
+    image = data.get(targets.data_key) if isinstance(data, dict) else None
     if not isinstance(image, str):
         raise CorrectionError(f"task.data.{targets.data_key} (the image) is missing")
+    predictions = task.get("predictions")
     versions = [
-        p.get("model_version") for p in task.get("predictions") or [] if isinstance(p, dict)
+        p.get("model_version")
+        for p in (predictions if isinstance(predictions, list) else [])
+        if isinstance(p, dict)
     ]
     return Correction(
         project=project,
@@ -117,11 +154,66 @@ def correction_from_annotation(
         task_id=int(task["id"]),
         image=image,
         label=chosen_class(results, targets),
-        target=mask_to_map(alpha, map_size).numpy(),
+        target=alpha_to_map(alpha, map_size),
         edited=edited,
-        model_version=next((v for v in reversed(versions) if v), None),
-        updated_at=annotation.get("updated_at"),
+        model_version=next((v for v in reversed(versions) if v and isinstance(v, str)), None),
+        updated_at=updated_at,
     )
+
+
+def alpha_to_map(alpha: np.ndarray, size: int) -> np.ndarray:
+    """A brush's alpha (H, W) uint8 to the (size, size) float32 target: ``mask_to_map``'s values
+    at about no memory beyond the alpha itself.
+
+    ``mask_to_map`` converts the whole mask to float32 and clips a copy before it averages:
+    9 bytes per pixel, 2.3 GB for a 16384x16384 brush. Here the cell averages (``area``
+    interpolation: each output cell averages the input rows and columns it overlaps) are
+    exact integer sums over one band of rows at a time; a brush smaller than the map in either
+    direction is bilinearly upsampled as ``resize_map`` does, from the few pixels it reads.
+    """
+    height, width = alpha.shape
+    values = _bilinear(alpha, size) if height < size or width < size else _area(alpha, size)
+    if alpha.max() > 1:  # mask_to_map: 0..255 opacity; a 0/1 mask is taken as it is
+        values /= 255.0
+    return values.astype(np.float32)
+
+
+def _bands(length: int, size: int) -> list[tuple[int, int]]:
+    """The input range each output cell of adaptive average pooling covers."""
+    return [((i * length) // size, -(-((i + 1) * length) // size)) for i in range(size)]
+
+
+def _area(alpha: np.ndarray, size: int) -> np.ndarray:
+    out = np.empty((size, size), dtype=np.float64)
+    columns = _bands(alpha.shape[1], size)
+    starts = np.array([c[0] for c in columns])
+    ends = np.array([c[1] for c in columns])
+    for i, (top, bottom) in enumerate(_bands(alpha.shape[0], size)):
+        band = alpha[top:bottom].sum(axis=0, dtype=np.int64)
+        cumulative = np.concatenate(([0], np.cumsum(band)))
+        out[i] = (cumulative[ends] - cumulative[starts]) / ((bottom - top) * (ends - starts))
+    return out
+
+
+def _bilinear(alpha: np.ndarray, size: int) -> np.ndarray:
+    """torch's bilinear interpolation (align_corners=False), reading only the pixels it needs."""
+    (y0, y1, wy), (x0, x1, wx) = _linear(alpha.shape[0], size), _linear(alpha.shape[1], size)
+    rows = np.unique(np.concatenate([y0, y1]))
+    cols = np.unique(np.concatenate([x0, x1]))
+    small = alpha[np.ix_(rows, cols)].astype(np.float64)
+    r0, r1 = np.searchsorted(rows, y0), np.searchsorted(rows, y1)
+    c0, c1 = np.searchsorted(cols, x0), np.searchsorted(cols, x1)
+    top = small[r0][:, c0] * (1 - wx) + small[r0][:, c1] * wx
+    bottom = small[r1][:, c0] * (1 - wx) + small[r1][:, c1] * wx
+    return top * (1 - wy)[:, None] + bottom * wy[:, None]
+
+
+def _linear(length: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of 1-D linear interpolation from `length` to `size` points."""
+    source = np.maximum((np.arange(size) + 0.5) * (length / size) - 0.5, 0.0)
+    low = np.minimum(source.astype(np.int64), length - 1)
+    high = np.minimum(low + 1, length - 1)
+    return low, high, source - low
 
 
 SCHEMA = """
@@ -202,7 +294,12 @@ class CorrectionStore:
             ).fetchone()
             if row is not None:
                 updated_at, deleted, old_target, old_label, old_edited = row
-                if deleted or (updated_at and c.updated_at and c.updated_at < updated_at):
+                newer_stored = (
+                    isinstance(updated_at, str)
+                    and isinstance(c.updated_at, str)
+                    and c.updated_at < updated_at
+                )
+                if deleted or newer_stored:
                     return False
                 if (old_target, old_label, bool(old_edited)) == (
                     target.tobytes(),

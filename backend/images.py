@@ -11,35 +11,78 @@ Task data names the image as Label Studio stores it:
   a task could make the backend request internal addresses (SSRF).
 
 The Label Studio host is ``LABEL_STUDIO_URL`` (with ``LABEL_STUDIO_API_KEY``) when set, else the
-``hostname`` and ``access_token`` that the project's ``/setup`` call sent. The token goes only to
-that host, never to another one, redirects included.
+``hostname`` and ``access_token`` that the project's ``/setup`` call sent. Which ``/setup``
+hostnames are used (:meth:`ProjectConnections.remember`):
 
-Limits: ``ABN_IMAGE_MAX_BYTES`` (the body is streamed and dropped at the limit),
-``ABN_IMAGE_MAX_PIXELS`` (checked from the header, before decoding: decompression bombs) and
-``ABN_IMAGE_TIMEOUT`` (per request and for the whole download). Downloaded bytes are cached on
-disk under a hash of the URL, written atomically, so a second /predict for the same task (a new
-model version) does not download again. Label Studio's upload and storage URLs do not change
-content; a plain URL whose content changes would be served stale from the cache.
+- with ``LABEL_STUDIO_URL`` set, it is the host, always: another hostname from /setup is never
+  recorded nor used (its token is, when ``LABEL_STUDIO_API_KEY`` is unset);
+- else, with ``ABN_IMAGE_ALLOWED_HOSTS`` non-empty, a hostname outside that list is refused at
+  /setup (403), and a record on disk outside it is not used: the allow-list bounds every host
+  the backend fetches from, the Label Studio host included;
+- a project already connected to a host keeps it unless the /setup is authenticated
+  (``BASIC_AUTH_USER``/``BASIC_AUTH_PASS``): without auth, /setup may connect a project that has
+  no host yet, or repeat its host (a token refresh), but not move it to another host (403).
+
+The token goes only to that host, and there only to its file paths: a path must start with
+``/data/upload/``, ``/data/local-files/``, ``/storage-data/``, ``/tasks/<id>/resolve``,
+``/tasks/<id>/presign`` (or ``/projects/<id>/...`` for the last two), and hold no ``.`` or ``..``
+segment and no backslash once percent-decoded (repeatedly). A relative task URL outside these
+is refused; an absolute URL on the Label Studio host outside them is fetched without the token.
+Redirects are followed by hand, each hop checked: from the Label Studio host only its
+resolve/presign endpoints may redirect elsewhere (to a signed cloud URL); any other redirect
+must stay on the Label Studio host or go to an allowed host.
+
+Limits, each a setting:
+
+- ``ABN_IMAGE_TIMEOUT``: seconds for the whole download, redirects included. A watchdog shuts
+  the connection down at the deadline, so a host that trickles its headers or body a byte at a
+  time cannot hold a request longer (each ``recv`` would otherwise restart the socket timeout);
+- ``ABN_IMAGE_MAX_BYTES``: the body is streamed and dropped at the limit;
+- ``ABN_IMAGE_MAX_PIXELS``: checked from the header, before decoding (decompression bombs);
+- ``ABN_IMAGE_DECODE_PIXELS``: pixels being decoded at once in the process, all requests
+  together (Pillow holds about 4 bytes a pixel); a decode waits for room up to
+  ``ABN_IMAGE_TIMEOUT``. An image over the budget alone is decoded alone;
+- once decoded, only a small copy is kept: exactly the model's input size when the caller
+  passes it (``size``: the served transform's resize then changes nothing, so predictions are
+  those of the full image), else at most ``WORKING_PIXELS``; images over that are first reduced
+  (JPEG: decoded at 1/2, 1/4 or 1/8 scale with ``Image.draft``). The original width and height
+  are kept: brushes are drawn at that size;
+- ``ABN_IMAGE_CACHE_MAX_BYTES``: downloaded bytes are cached on disk under a hash of the URL,
+  written atomically, so a second /predict for the same task (a new model version) does not
+  download again; a hit marks the file used, and when the bytes this process counts pass the
+  cap, the least recently used files are deleted down to 90 % of it. Label Studio's upload and
+  storage URLs do not change content; a plain URL whose content changes is served stale.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
 import http.cookiejar
 import io
+import itertools
 import json
 import logging
+import math
+import os
 import re
+import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from typing import Any
+from urllib.parse import unquote, urljoin, urlsplit
 
 import requests
 import requests.adapters
-from PIL import Image, ImageOps, UnidentifiedImageError
+import urllib3.connection
+import urllib3.connectionpool
+import urllib3.exceptions
+from PIL import Image, UnidentifiedImageError
 
 from backend.settings import Settings
 from model.checkpoint import atomic_write
@@ -48,8 +91,29 @@ log = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3:", "gs:", "azure-blob:")
 MAX_REDIRECTS = 5
+# The most pixels kept of a decoded image when the caller does not say the model's input size
+# (4096 x 4096, 48 MB as RGB); smaller images are kept whole, so their predictions do not change.
+WORKING_PIXELS = 4096 * 4096
 _CHUNK = 64 * 1024
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
+# Label Studio's file paths (label_studio/data_import/urls.py, io_storages/urls.py, 1.23).
+_FILE_PATH = re.compile(
+    r"^/(?:data/upload/|data/local-files/|storage-data/"
+    r"|(?:tasks|projects)/\d+/(?:resolve|presign)(?:/|$))"
+)
+# The one view that answers with a redirect off the host: a presigned cloud storage URL.
+_RESOLVE_PATH = re.compile(r"^/(?:tasks|projects)/\d+/(?:resolve|presign)(?:/|$)")
+_STALE_TEMP_SECONDS = 3600
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
 
 
 class ImageFetchError(ValueError):
@@ -58,6 +122,10 @@ class ImageFetchError(ValueError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class HostRefused(ValueError):
+    """A /setup hostname the backend will not record; the message names the setting."""
 
 
 @dataclass(frozen=True)
@@ -78,16 +146,72 @@ class LabelStudioConnection:
         """Whether `url` is on this host (same scheme, host and port)."""
         return _origin(url) == _origin(self.url)
 
+    def serves_file(self, url: str) -> bool:
+        """Whether `url` is one of this host's file paths: the only URLs that get the token."""
+        path = self._local_path(url)
+        return path is not None and is_file_path(path)
+
+    def resolves(self, url: str) -> bool:
+        """Whether `url` is this host's resolve/presign endpoint (may redirect off the host)."""
+        path = self._local_path(url)
+        return path is not None and is_file_path(path) and bool(_RESOLVE_PATH.match(path))
+
+    def same_host(self, url: str) -> bool:
+        """Whether `url` names this Label Studio (origin and base path)."""
+        return self.owns(url) and _base_path(url) == _base_path(self.url)
+
+    def _local_path(self, url: str) -> str | None:
+        """The path of `url` below this host's base path (Label Studio may live under one)."""
+        if not self.owns(url):
+            return None
+        path = urlsplit(url).path
+        base = _base_path(self.url)
+        if base:
+            if not path.startswith(base + "/"):
+                return None
+            path = path[len(base) :]
+        return path
+
+
+def is_file_path(path: str) -> bool:
+    """Whether `path` is a Label Studio file path that cannot be turned into another one.
+
+    Percent-decoded until stable first (``%252e`` is ``%2e`` is ``.``: a proxy in front of
+    Label Studio may decode once more than Django does), then no ``.``/``..`` segment, no
+    backslash and no control character, and one of the prefixes of ``_FILE_PATH``.
+    """
+    decoded = path
+    for _ in range(5):
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    else:
+        return False
+    if "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
+        return False
+    if any(segment in (".", "..") for segment in decoded.split("/")):
+        return False
+    return bool(_FILE_PATH.match(decoded))
+
 
 class ProjectConnections:
     """The host and token each project's /setup sent, in memory and on disk.
 
     On disk (one 0600 JSON file per project) because gunicorn runs several workers and
-    Label Studio's /setup and /predict may reach different ones.
+    Label Studio's /setup and /predict may reach different ones. `label_studio_url` and
+    `allowed_hosts` are the settings that bound which hosts are recorded (module docstring).
     """
 
-    def __init__(self, directory: Path | None) -> None:
+    def __init__(
+        self,
+        directory: Path | None,
+        label_studio_url: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
+        self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
+        self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
         self._known: dict[str, LabelStudioConnection] = {}
         self._lock = threading.Lock()
 
@@ -99,12 +223,47 @@ class ProjectConnections:
         key = str(project).split(".", 1)[0].strip()
         return _SAFE_KEY.sub("_", key)[:64] or None
 
-    def remember(self, project: object, hostname: str, token: str | None) -> None:
-        """Store what /setup received; a changed token replaces the old one."""
+    def remember(
+        self, project: object, hostname: str, token: str | None, *, authenticated: bool = False
+    ) -> None:
+        """Store what /setup received; a changed token replaces the old one.
+
+        `authenticated`: whether the /setup came with valid credentials. Without, a project
+        already connected to another host is not moved (HostRefused). A hostname outside
+        ``ABN_IMAGE_ALLOWED_HOSTS`` (when set) is refused; with ``LABEL_STUDIO_URL`` set, that
+        URL is recorded instead of the hostname.
+        """
         key = self.project_key(project)
         if key is None:
             return
-        conn = LabelStudioConnection(hostname.rstrip("/"), token)
+        url = hostname.strip().rstrip("/")
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise HostRefused(f"hostname must be an http(s) URL, got {_short(hostname)!r}")
+        if self.label_studio_url:
+            if not LabelStudioConnection(self.label_studio_url, None).same_host(url):
+                log.info(
+                    "project %s: /setup hostname %s is not used, LABEL_STUDIO_URL=%s is",
+                    key,
+                    _short(url),
+                    self.label_studio_url,
+                )
+            url = self.label_studio_url
+        else:
+            if self.allowed_hosts and not host_allowed(url, self.allowed_hosts):
+                raise HostRefused(
+                    f"hostname {_short(url)!r} is not in ABN_IMAGE_ALLOWED_HOSTS, so images are "
+                    "never fetched from it: add its host there, or set LABEL_STUDIO_URL"
+                )
+            current = self.get(project)
+            if current is not None and not authenticated and not current.same_host(url):
+                raise HostRefused(
+                    f"project {key} is connected to Label Studio at {current.url}; a /setup "
+                    f"without authentication cannot move it to {_short(url)}. Set "
+                    "BASIC_AUTH_USER and BASIC_AUTH_PASS (then /setup is authenticated), or "
+                    "set LABEL_STUDIO_URL"
+                )
+        conn = LabelStudioConnection(url, token)
         with self._lock:
             if self._known.get(key) == conn:
                 return
@@ -122,23 +281,34 @@ class ProjectConnections:
         if key is None:
             return None
         with self._lock:
-            if key in self._known:
-                return self._known[key]
-        if self.directory is None:
+            conn = self._known.get(key)
+        if conn is None and self.directory is not None:
+            try:
+                record = json.loads((self.directory / f"{key}.json").read_text())
+                conn = LabelStudioConnection(str(record["hostname"]), record.get("access_token"))
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+            with self._lock:
+                self._known[key] = conn
+        if conn is None:
             return None
-        try:
-            record = json.loads((self.directory / f"{key}.json").read_text())
-            conn = LabelStudioConnection(str(record["hostname"]), record.get("access_token"))
-        except (OSError, ValueError, KeyError, TypeError):
+        if (
+            not self.label_studio_url
+            and self.allowed_hosts
+            and not host_allowed(conn.url, self.allowed_hosts)
+        ):
+            # Recorded before ABN_IMAGE_ALLOWED_HOSTS was set: not a host we may fetch from.
             return None
-        with self._lock:
-            self._known[key] = conn
         return conn
 
 
 @dataclass(frozen=True)
 class LoadedImage:
-    """An image ready for the model, with its size as the editor shows it."""
+    """An image ready for the model, with its size as the editor shows it.
+
+    `image` is RGB and may be smaller than `width` x `height` (module docstring): the model
+    resizes it anyway, and brushes are drawn at `width` x `height`.
+    """
 
     image: Image.Image
     width: int
@@ -150,10 +320,16 @@ class ImageLoader:
 
     def __init__(self, settings: Settings, connections: ProjectConnections | None = None) -> None:
         self.settings = settings
-        self.connections = connections or ProjectConnections(settings.projects_dir)
+        self.connections = connections or ProjectConnections(
+            settings.projects_dir, settings.label_studio_url, settings.image_allowed_hosts
+        )
         self.cache_dir = settings.resolved_image_cache_dir
         self.allowed_hosts = tuple(h.lower() for h in settings.image_allowed_hosts)
+        self.working_pixels = WORKING_PIXELS
         self._session = _shared_session()
+        self._budget = _decode_budget(settings.image_decode_pixels)
+        self._cache_lock = threading.Lock()
+        self._cache_bytes: int | None = None  # this process's count; None until first scanned
 
     # ------------------------------------------------------------------ resolution
 
@@ -163,6 +339,8 @@ class ImageLoader:
         if self.settings.label_studio_url:
             token = self.settings.label_studio_api_key or (from_setup and from_setup.token)
             return LabelStudioConnection(self.settings.label_studio_url, token or None)
+        if from_setup is not None and self.allowed_hosts and not self._allowed(from_setup.url):
+            return None  # a record from before ABN_IMAGE_ALLOWED_HOSTS was set
         return from_setup
 
     def resolve(
@@ -183,11 +361,19 @@ class ImageLoader:
                 )
             url = f"/tasks/{task_id}/presign/?fileuri={_b64(url)}"
         if url.startswith("/") and not url.startswith("//"):
+            if not is_file_path(urlsplit(url).path):
+                raise ImageFetchError(
+                    f"{_short(url)}: a relative URL must be a Label Studio file path "
+                    "(/data/upload/, /data/local-files/, /storage-data/, /tasks/<id>/resolve, "
+                    "/tasks/<id>/presign) with no '..' segment or backslash; not fetched",
+                    "disallowed",
+                )
             if conn is None:
                 raise ImageFetchError(
                     f"{_short(url)} is a Label Studio path, but no Label Studio host is known: "
                     "set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY, or reconnect the model "
-                    "so that /setup sends its hostname",
+                    "so that /setup sends its hostname (one in ABN_IMAGE_ALLOWED_HOSTS when "
+                    "that is set)",
                     "disallowed",
                 )
             return conn.url + url, conn
@@ -209,35 +395,35 @@ class ImageLoader:
         )
 
     def _allowed(self, url: str) -> bool:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        try:
-            port = parts.port
-        except ValueError:
-            return False
-        for entry in self.allowed_hosts:
-            name, _, want_port = entry.partition(":")
-            if want_port and str(port or _default_port(parts.scheme)) != want_port:
-                continue
-            if name == host or (name.startswith("*.") and host.endswith(name[1:])):
-                return True
-        return False
+        return host_allowed(url, self.allowed_hosts)
 
     # ------------------------------------------------------------------ fetching
 
-    def load(self, url: str, project: object = None, task_id: object = None) -> LoadedImage:
-        """The task's image, decoded, EXIF-rotated as browsers show it, in RGB."""
+    def load(
+        self, url: str, project: object = None, task_id: object = None, size: int | None = None
+    ) -> LoadedImage:
+        """The task's image, decoded, EXIF-rotated as browsers show it, in RGB.
+
+        `size`: the model's (square) input side; the image is then kept at exactly that size,
+        resized as the served transform does, so the prediction is unchanged.
+        """
         target, conn = self.resolve(url, project, task_id)
         data = self._cached(target)
         if data is not None:
-            return self.decode(data, _short(url))
+            return self.decode(data, _short(url), size)
         data = self._download(target, conn)
-        loaded = self.decode(data, _short(url))
+        loaded = self.decode(data, _short(url), size)
         self._store(target, data)  # only images that decode: errors are retried next time
         return loaded
 
-    def decode(self, data: bytes, name: str = "image") -> LoadedImage:
-        """Bytes to an RGB image, refusing non-images and images over the pixel limit."""
+    def decode(self, data: bytes, name: str = "image", size: int | None = None) -> LoadedImage:
+        """Bytes to an RGB image, refusing non-images and images over the pixel limit.
+
+        Only a bounded copy survives (module docstring); the pixels decoded at once in the
+        process are bounded by ``ABN_IMAGE_DECODE_PIXELS``.
+        """
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"size must be a positive int, got {size!r}")
         limit = self.settings.image_max_pixels
         # The size check reads only the header, before any pixel is decoded. (No
         # warnings.catch_warnings here: it is not thread-safe, and requests run in threads.)
@@ -251,9 +437,25 @@ class ImageLoader:
                     "decompression bomb",
                     "too_many_pixels",
                 )
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            rgb = img.convert("RGB")
+            if width * height > self.working_pixels and img.format == "JPEG":
+                img.draft(None, _fit(width, height, self.working_pixels))  # DCT scaling
+            with self._budget.hold(img.width * img.height, self.settings.image_timeout, name):
+                img.load()
+                try:
+                    orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+                except Exception:  # a broken EXIF block: show the image as stored
+                    orientation = 1
+                method = _TRANSPOSE.get(orientation)
+                if orientation in (5, 6, 7, 8):  # a quarter turn: the editor shows it turned
+                    width, height = height, width
+                img = _shrink(img, self.working_pixels)
+                if method is not None:
+                    img = img.transpose(method)
+                if img.mode != "RGB":
+                    img = img.convert("RGB")
+                if size is not None:
+                    # What the served transform (torchvision Resize, PIL bilinear) does.
+                    img = img.resize((size, size), Image.Resampling.BILINEAR)
         except ImageFetchError:
             raise
         except Image.DecompressionBombError as exc:
@@ -264,51 +466,85 @@ class ImageLoader:
             raise ImageFetchError(f"{name}: not an image ({len(data)} bytes)", "not_image") from exc
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageFetchError(f"{name}: corrupt image ({exc})", "not_image") from exc
-        return LoadedImage(rgb, rgb.width, rgb.height)
+        return LoadedImage(img, width, height)
 
     def _download(self, url: str, conn: LabelStudioConnection | None) -> bytes:
-        """GET with manual redirects, each hop checked, streamed up to the byte limit."""
-        timeout = self.settings.image_timeout
-        deadline = time.monotonic() + timeout
-        from_label_studio = conn is not None
+        """GET with manual redirects, each hop checked, streamed up to the byte limit.
+
+        The whole download, redirects included, must end by the ``ABN_IMAGE_TIMEOUT``
+        deadline: the watchdog shuts the connection down then, whatever phase it is in.
+        """
+        deadline = time.monotonic() + self.settings.image_timeout
+        alarm = _WATCHDOG.arm(deadline)
+        _CURRENT.alarm = alarm
+        try:
+            return self._follow(url, conn, deadline, alarm)
+        except ImageFetchError as exc:
+            if alarm.fired and exc.reason != "timeout":
+                raise self._timeout(url) from exc
+            raise
+        finally:
+            _CURRENT.alarm = None
+            _WATCHDOG.disarm(alarm)
+
+    def _timeout(self, url: str) -> ImageFetchError:
+        return ImageFetchError(
+            f"{_short(url)}: not downloaded within {self.settings.image_timeout} s "
+            "(ABN_IMAGE_TIMEOUT)",
+            "timeout",
+        )
+
+    def _follow(
+        self, url: str, conn: LabelStudioConnection | None, deadline: float, alarm: _Alarm
+    ) -> bytes:
         for _ in range(MAX_REDIRECTS + 1):
-            headers = conn.auth_header() if conn is not None and conn.owns(url) else {}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._timeout(url)
+            # The token goes to Label Studio's file paths only: never off the host, and not
+            # to its API even when a redirect or an absolute URL points there.
+            headers = conn.auth_header() if conn is not None and conn.serves_file(url) else {}
             try:
                 response = self._session.get(
                     url,
                     headers=headers,
                     stream=True,
-                    timeout=(timeout, timeout),
+                    timeout=(remaining, remaining),
                     allow_redirects=False,
                 )
             except requests.Timeout as exc:
-                raise ImageFetchError(
-                    f"{_short(url)}: timed out after {timeout} s", "timeout"
-                ) from exc
+                raise self._timeout(url) from exc
             except requests.RequestException as exc:
+                if alarm.fired:
+                    raise self._timeout(url) from exc
                 raise ImageFetchError(f"{_short(url)}: unreachable ({exc})", "unreachable") from exc
             with response:
                 if response.is_redirect:
-                    location = response.headers.get("Location", "")
-                    nxt = urljoin(url, location)
-                    # Label Studio's own redirects (presigned cloud URLs) may leave its host;
-                    # anyone else's must stay on hosts we may fetch from.
-                    if urlsplit(nxt).scheme not in ("http", "https") or not (
-                        from_label_studio
-                        or self._allowed(nxt)
-                        or (conn is not None and conn.owns(nxt))
-                    ):
-                        raise ImageFetchError(
-                            f"{_short(url)}: redirect to {_short(nxt)} is not followed "
-                            "(host not allowed)",
-                            "disallowed",
-                        )
-                    from_label_studio = conn is not None and conn.owns(nxt)
+                    nxt = urljoin(url, response.headers.get("Location", ""))
+                    self._check_redirect(url, nxt, conn)
                     url = nxt
                     continue
                 self._check_status(response, url)
-                return self._read_body(response, url, deadline)
+                return self._read_body(response, url, deadline, alarm)
         raise ImageFetchError(f"{_short(url)}: more than {MAX_REDIRECTS} redirects", "unreachable")
+
+    def _check_redirect(self, url: str, nxt: str, conn: LabelStudioConnection | None) -> None:
+        """Refuse a redirect from `url` to `nxt` that the module docstring does not allow."""
+        if urlsplit(nxt).scheme.lower() not in ("http", "https"):
+            reason = "not http(s)"
+        elif conn is not None and conn.owns(nxt):
+            return  # on the Label Studio host (the token only to its file paths)
+        elif conn is not None and conn.owns(url):
+            if conn.resolves(url):
+                return  # Label Studio's presign/resolve: a signed cloud storage URL
+            reason = "Label Studio redirects off its host only from its resolve/presign endpoints"
+        elif self._allowed(nxt):
+            return
+        else:
+            reason = "host not allowed"
+        raise ImageFetchError(
+            f"{_short(url)}: redirect to {_short(nxt)} is not followed ({reason})", "disallowed"
+        )
 
     @staticmethod
     def _check_status(response: requests.Response, url: str) -> None:
@@ -324,7 +560,9 @@ class ImageLoader:
         if not 200 <= status < 300:
             raise ImageFetchError(f"{_short(url)}: HTTP {status}", "http_error")
 
-    def _read_body(self, response: requests.Response, url: str, deadline: float) -> bytes:
+    def _read_body(
+        self, response: requests.Response, url: str, deadline: float, alarm: _Alarm
+    ) -> bytes:
         limit = self.settings.image_max_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -334,22 +572,30 @@ class ImageLoader:
                 "too_large",
             )
         body = bytearray()
+        raw = response.raw
         try:
-            for chunk in response.iter_content(_CHUNK):
+            while True:
+                if alarm.fired or time.monotonic() >= deadline:
+                    raise self._timeout(url)
+                # read1: at most one recv (iter_content's read(n) loops until n bytes came,
+                # each recv restarting the socket timeout); decoded output is capped at _CHUNK.
+                chunk = raw.read1(_CHUNK, decode_content=True)
+                if not chunk:
+                    break
                 body += chunk
                 if len(body) > limit:
                     raise ImageFetchError(
                         f"{_short(url)}: more than {limit} bytes (ABN_IMAGE_MAX_BYTES)",
                         "too_large",
                     )
-                if time.monotonic() > deadline:
-                    raise ImageFetchError(
-                        f"{_short(url)}: download took longer than {self.settings.image_timeout} s",
-                        "timeout",
-                    )
-        except requests.RequestException as exc:
-            kind = "timeout" if isinstance(exc, requests.Timeout) else "unreachable"
-            raise ImageFetchError(f"{_short(url)}: download failed ({exc})", kind) from exc
+        except ImageFetchError:
+            raise
+        except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+            if alarm.fired or isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+                raise self._timeout(url) from exc
+            raise ImageFetchError(f"{_short(url)}: download failed ({exc})", "unreachable") from exc
+        if alarm.fired:  # the watchdog's shutdown reads as the end of the body
+            raise self._timeout(url)
         if not body:
             raise ImageFetchError(f"{_short(url)}: empty response", "not_image")
         return bytes(body)
@@ -369,19 +615,307 @@ class ImageLoader:
         try:
             if path.stat().st_size > self.settings.image_max_bytes:
                 return None
-            return path.read_bytes()
+            data = path.read_bytes()
         except OSError:
             return None
+        with suppress(OSError):
+            os.utime(path)  # recently used: eviction goes by modification time
+        return data
 
     def _store(self, url: str, data: bytes) -> None:
         path = self._cache_path(url)
-        if path is None:
+        if path is None or len(data) > self.settings.image_cache_max_bytes:
             return
         try:
             with atomic_write(path, durable=False) as f:  # a cache: no fsync on /predict
                 f.write(data)
         except OSError as exc:
             log.warning("cannot cache %s: %s", _short(url), exc)
+            return
+        self._count_cached(len(data))
+
+    def _count_cached(self, added: int) -> None:
+        """Add `added` bytes to this process's count; prune once it passes the cap.
+
+        The cache is scanned once per process and then at each prune, not on every write;
+        other workers' writes are seen at the next scan.
+        """
+        cap = self.settings.image_cache_max_bytes
+        with self._cache_lock:
+            if self._cache_bytes is None:
+                self._cache_bytes = self._scan_cache()[1]
+            else:
+                self._cache_bytes += added
+            if self._cache_bytes > cap:
+                self._cache_bytes = self._prune_cache(int(cap * 0.9))
+
+    def _scan_cache(self) -> tuple[list[tuple[float, int, str]], int]:
+        """(mtime, size, path) of every cached file, and their total size."""
+        entries: list[tuple[float, int, str]] = []
+        if self.cache_dir is None:
+            return entries, 0
+        now = time.time()
+        try:
+            subdirs = [d.path for d in os.scandir(self.cache_dir) if d.is_dir()]
+        except OSError:
+            return entries, 0
+        for sub in subdirs:
+            try:
+                files = list(os.scandir(sub))
+            except OSError:
+                continue
+            for f in files:
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                if f.name.startswith("."):  # atomic_write's temporary file
+                    if now - st.st_mtime > _STALE_TEMP_SECONDS:
+                        Path(f.path).unlink(missing_ok=True)
+                    continue
+                entries.append((st.st_mtime, st.st_size, f.path))
+        return entries, sum(size for _, size, _ in entries)
+
+    def _prune_cache(self, target: int) -> int:
+        """Delete the least recently used files until the cache holds `target` bytes or less."""
+        entries, total = self._scan_cache()
+        entries.sort()
+        removed = 0
+        for _, size, path in entries:
+            if total <= target:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot evict %s from the image cache: %s", path, exc)
+                continue
+            total -= size
+            removed += 1
+        log.info(
+            "image cache: %d files evicted, %d bytes kept (ABN_IMAGE_CACHE_MAX_BYTES)",
+            removed,
+            total,
+        )
+        return total
+
+
+# ---------------------------------------------------------------------- decoding helpers
+
+
+def _fit(width: int, height: int, pixels: int) -> tuple[int, int]:
+    """The largest size with the aspect ratio of width x height and at most `pixels` pixels."""
+    scale = math.sqrt(pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _shrink(img: Image.Image, pixels: int) -> Image.Image:
+    """`img` reduced by an integer factor (box filter) to at most `pixels`, or `img` itself."""
+    width, height = img.size
+    if width * height <= pixels:
+        return img
+    factor = max(2, math.ceil(math.sqrt(width * height / pixels)))
+    while math.ceil(width / factor) * math.ceil(height / factor) > pixels:
+        factor += 1
+    if img.mode in ("1", "P", "I;16", "I;16B", "I;16L", "I;16N"):  # modes reduce() refuses
+        img = img.convert("RGB")
+    return img.reduce(factor)
+
+
+class _PixelBudget:
+    """A counting semaphore in pixels: how many may be decoded at once in this process."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int, timeout: float, name: str) -> Iterator[None]:
+        need = min(max(pixels, 1), self.capacity)  # an image over the budget runs alone
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self.in_use + need > self.capacity:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ImageFetchError(
+                        f"{name}: waited {timeout} s for {need} pixels of the decoding budget "
+                        f"(ABN_IMAGE_DECODE_PIXELS={self.capacity}, {self.in_use} in use)",
+                        "busy",
+                    )
+                self._cond.wait(left)
+            self.in_use += need
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= need
+                self._cond.notify_all()
+
+
+_BUDGETS: dict[int, _PixelBudget] = {}
+_BUDGETS_LOCK = threading.Lock()
+
+
+def _decode_budget(capacity: int) -> _PixelBudget:
+    """The process's budget for `capacity` (one per setting value: one in production)."""
+    with _BUDGETS_LOCK:
+        budget = _BUDGETS.get(capacity)
+        if budget is None:
+            budget = _BUDGETS[capacity] = _PixelBudget(capacity)
+        return budget
+
+
+# ---------------------------------------------------------------------- the download deadline
+
+
+class _Alarm:
+    """One download's deadline and the sockets (duplicates) to shut down when it passes."""
+
+    __slots__ = ("deadline", "done", "fired", "socks")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.socks: list[socket.socket] = []
+        self.fired = False
+        self.done = False
+
+
+class _Watchdog:
+    """One thread per process that shuts down the connections of downloads past their deadline.
+
+    A socket timeout bounds one ``recv``, not a download: a host sending a byte a second never
+    trips it. Shutting the socket down (through a duplicate descriptor, so that the connection's
+    own socket object is never touched from this thread) ends a blocked read in the download's
+    thread at once, in any phase: TLS handshake, headers or body.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float) -> _Alarm:
+        alarm = _Alarm(deadline)
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="abn-image-deadline", daemon=True
+                )
+                self._thread.start()
+            heapq.heappush(self._heap, (deadline, next(self._seq), alarm))
+            self._cond.notify()
+        return alarm
+
+    def watch(self, alarm: _Alarm, sock: socket.socket) -> None:
+        """Shut `sock` down too when `alarm` fires."""
+        try:
+            dup = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except OSError:
+            return
+        with self._cond:
+            if not alarm.done:
+                alarm.socks.append(dup)
+                if alarm.fired:
+                    _shutdown(dup)
+                return
+        dup.close()
+
+    def disarm(self, alarm: _Alarm) -> None:
+        with self._cond:
+            alarm.done = True
+            socks, alarm.socks = alarm.socks, []
+        for dup in socks:
+            dup.close()
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                while self._heap and self._heap[0][2].done:
+                    heapq.heappop(self._heap)
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                alarm = heapq.heappop(self._heap)[2]
+                alarm.fired = True
+                for dup in alarm.socks:
+                    _shutdown(dup)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    with suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+_WATCHDOG = _Watchdog()
+_CURRENT = threading.local()  # .alarm: the download this thread is doing, if any
+
+
+def _after_fork_in_child() -> None:
+    # Locks held by other threads at fork time would stay held forever in the child.
+    global _BUDGETS_LOCK
+    _WATCHDOG._reset()
+    _BUDGETS.clear()
+    _BUDGETS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _DeadlineMixin:
+    """Puts every socket of a connection under the current download's alarm."""
+
+    sock: Any
+    timeout: Any
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()  # type: ignore[misc]
+        alarm = getattr(_CURRENT, "alarm", None)
+        if alarm is not None:
+            _WATCHDOG.watch(alarm, sock)  # before the TLS handshake
+        return sock
+
+    def getresponse(self) -> Any:
+        alarm = getattr(_CURRENT, "alarm", None)
+        if alarm is not None and self.sock is not None:
+            _WATCHDOG.watch(alarm, self.sock)  # a kept-alive connection, reused
+            left = max(alarm.deadline - time.monotonic(), 0.001)
+            if isinstance(self.timeout, int | float):
+                self.timeout = min(self.timeout, left)
+        return super().getresponse()  # type: ignore[misc]
+
+
+class _HTTPConnection(_DeadlineMixin, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_DeadlineMixin, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
 
 def _shared_session() -> requests.Session:
@@ -395,10 +929,30 @@ def _shared_session() -> requests.Session:
     session = requests.Session()
     session.trust_env = False
     session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-    adapter = requests.adapters.HTTPAdapter(pool_connections=8, pool_maxsize=32)
+    adapter = _DeadlineAdapter(pool_connections=8, pool_maxsize=32)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+# ---------------------------------------------------------------------- URLs
+
+
+def host_allowed(url: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """Whether `url`'s host matches an ``ABN_IMAGE_ALLOWED_HOSTS`` entry (host[:port], *.dom)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    for entry in allowed_hosts:
+        name, _, want_port = entry.lower().partition(":")
+        if want_port and str(port or _default_port(parts.scheme)) != want_port:
+            continue
+        if name == host or (name.startswith("*.") and host.endswith(name[1:])):
+            return True
+    return False
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -409,6 +963,10 @@ def _origin(url: str) -> tuple[str, str, int | None]:
         port = -1
     scheme = parts.scheme.lower()
     return scheme, (parts.hostname or "").lower(), port or _default_port(scheme)
+
+
+def _base_path(url: str) -> str:
+    return urlsplit(url).path.rstrip("/")
 
 
 def _default_port(scheme: str) -> int | None:

@@ -22,12 +22,14 @@ from xml.sax.saxutils import quoteattr
 
 from label_studio_sdk.label_interface import LabelInterface
 
+from model.errors import UserError
+
 ATTENTION_LABEL = "Attention"
 MAX_CONFIG_CHARS = 1_000_000  # real configs are a few KB; parsed configs are cached
 ATTENTION_COLOR = "#ff2d55"
 
 
-class LabelConfigError(ValueError):
+class LabelConfigError(UserError, ValueError):
     """A labeling config the backend cannot predict for; the message says what to add or fix."""
 
 

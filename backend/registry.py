@@ -25,9 +25,10 @@ from typing import Any
 from torch import nn
 
 from model.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from model.errors import UserError
 
 
-class RegistryError(ValueError):
+class RegistryError(UserError, ValueError):
     """A version that does not exist, or a registry that cannot be read."""
 
 

@@ -16,12 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from model.errors import UserError
 from model.train import DEFAULT_GAMMA
 
 DEFAULT_MODEL_DIR = Path("runs") / "model_dir"
+BRUSH_PIXEL_CEILING = 2**28  # backend.brush.MAX_PIXELS: the codec's own limit
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError, ValueError):
     """An environment variable with a value the backend cannot use."""
 
 
@@ -47,11 +49,35 @@ class Settings:
 
     # Image fetching.
     image_max_bytes: int = 32 * 1024 * 1024  # ABN_IMAGE_MAX_BYTES
-    image_max_pixels: int = 64_000_000  # ABN_IMAGE_MAX_PIXELS (decompression bombs)
-    image_timeout: float = 15.0  # ABN_IMAGE_TIMEOUT: seconds per image, connect + read
+    # ABN_IMAGE_MAX_PIXELS (decompression bombs): 64 M admits 8000x8000 scans and 61 MP camera
+    # photos. Sane now that a decode is bounded: Pillow holds ~4 bytes a pixel (256 MB at the
+    # limit) only while decoding, under ABN_IMAGE_DECODE_PIXELS, and keeps a small copy after.
+    image_max_pixels: int = 64_000_000
+    # ABN_IMAGE_DECODE_PIXELS: pixels decoded at once per process, all requests together: one
+    # image at the pixel limit at a time (~256 MB); smaller ones share it.
+    image_decode_pixels: int = 64_000_000
+    image_timeout: float = 15.0  # ABN_IMAGE_TIMEOUT: seconds for a whole download, redirects too
     image_allowed_hosts: tuple[str, ...] = ()  # ABN_IMAGE_ALLOWED_HOSTS: "host[:port],*.dom"
     image_cache_dir: Path | None = None  # ABN_IMAGE_CACHE_DIR; default MODEL_DIR/cache/images
     image_cache: bool = True  # ABN_IMAGE_CACHE=0 turns the on-disk cache off
+
+    # Request limits (a refused request is a 413 that names the setting).
+    # ABN_MAX_REQUEST_BYTES: largest body. Label Studio puts every task's earlier predictions and
+    # annotations (a brush of ~250 KB of JSON per megapixel image) into /predict, so this stays
+    # at 64 MiB; parsing costs up to ~20x the body in memory.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # ABN_MAX_TASKS_PER_REQUEST: tasks in one /predict. "Retrieve predictions" sends all the
+    # selected tasks at once and gives up after 100 s (ML_TIMEOUT_PREDICT); 1000 tasks take
+    # ~35 s on two CPU cores at 224 px. Select fewer, or raise it on a GPU.
+    max_tasks_per_request: int = 1000
+    # ABN_BRUSH_MAX_PIXELS: largest brush (original_width * original_height) a webhook may
+    # carry, checked before decoding. A brush covers its image, so this equals the default
+    # ABN_IMAGE_MAX_PIXELS: every image that gets a prediction can get a correction. Decoding
+    # costs about one byte per pixel (64 MB at the limit).
+    brush_max_pixels: int = 64_000_000
+    # ABN_IMAGE_CACHE_MAX_BYTES: least recently used files are evicted past it (1 GiB: ~10k
+    # photos of 100 KB, a few /predict rounds of a large project).
+    image_cache_max_bytes: int = 1024**3
 
     # The training loop (docs/loop.md says how the defaults were chosen).
     train_after: int = 10  # ABN_TRAIN_AFTER: new edited corrections that start a job by themselves
@@ -95,10 +121,25 @@ class Settings:
             brush_levels=_int(env, "ABN_BRUSH_LEVELS", defaults.brush_levels, 2, 256),
             image_max_bytes=_int(env, "ABN_IMAGE_MAX_BYTES", defaults.image_max_bytes, 1, 2**40),
             image_max_pixels=_int(env, "ABN_IMAGE_MAX_PIXELS", defaults.image_max_pixels, 1, 2**28),
+            image_decode_pixels=_int(
+                env, "ABN_IMAGE_DECODE_PIXELS", defaults.image_decode_pixels, 1, 2**34
+            ),
             image_timeout=_float(env, "ABN_IMAGE_TIMEOUT", defaults.image_timeout),
             image_allowed_hosts=tuple(h.strip().lower() for h in hosts.split(",") if h.strip()),
             image_cache_dir=Path(cache_dir) if cache_dir else None,
             image_cache=_bool(env, "ABN_IMAGE_CACHE", defaults.image_cache),
+            max_request_bytes=_int(
+                env, "ABN_MAX_REQUEST_BYTES", defaults.max_request_bytes, 1024, 2**40
+            ),
+            max_tasks_per_request=_int(
+                env, "ABN_MAX_TASKS_PER_REQUEST", defaults.max_tasks_per_request, 1, 10**7
+            ),
+            brush_max_pixels=_int(
+                env, "ABN_BRUSH_MAX_PIXELS", defaults.brush_max_pixels, 1, BRUSH_PIXEL_CEILING
+            ),
+            image_cache_max_bytes=_int(
+                env, "ABN_IMAGE_CACHE_MAX_BYTES", defaults.image_cache_max_bytes, 1, 2**50
+            ),
             train_after=_int(env, "ABN_TRAIN_AFTER", defaults.train_after, 1, 10**9),
             train_device=get("ABN_TRAIN_DEVICE") or defaults.train_device,
             gamma=_float(env, "ABN_GAMMA", defaults.gamma, positive=False),

@@ -15,6 +15,7 @@ from typing import Any
 from backend.corrections import CorrectionError, CorrectionStore, correction_from_annotation
 from backend.jobs import TrainingQueue
 from backend.label_config import LabelConfigError, default_targets, targets_for
+from backend.schemas import MAX_ID
 from backend.serving import ServedModel
 from model.maps import map_size_for
 
@@ -24,7 +25,11 @@ ANNOTATION_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED"}
 
 
 class WebhookError(ValueError):
-    """A payload that cannot be used; answered with a 4xx and nothing stored."""
+    """A payload that cannot be used; answered with `status` (a 4xx) and nothing stored."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass
@@ -34,13 +39,18 @@ class WebhookHandler:
     served: ServedModel  # targets take the served model's classes and map size
     train_after: int
 
-    def handle(self, payload: Any) -> dict[str, Any]:
-        """Act on one event; returns the JSON acknowledgement."""
+    def handle(self, payload: Any, *, brush_max_pixels: int | None = None) -> dict[str, Any]:
+        """Act on one event; returns the JSON acknowledgement.
+
+        The app checks the body against ``backend/schemas.py`` first; what is checked here
+        again is only what would otherwise crash. A brush larger than `brush_max_pixels` is
+        refused with a 413 before it is decoded.
+        """
         if not isinstance(payload, dict) or not isinstance(payload.get("action"), str):
             raise WebhookError('a webhook body must be a JSON object with an "action" string')
         action = payload["action"]
         if action in ANNOTATION_EVENTS:
-            return self._annotation(payload)
+            return self._annotation(payload, brush_max_pixels)
         if action == "ANNOTATIONS_DELETED":
             return self._deleted(payload)
         if action == "START_TRAINING":
@@ -48,14 +58,18 @@ class WebhookHandler:
             return {"action": action, "training": self._request(project, "START_TRAINING")}
         return {"action": action, "ignored": True}
 
-    def _annotation(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _annotation(self, payload: dict[str, Any], brush_max_pixels: int | None) -> dict[str, Any]:
         project = project_id(payload)
         annotation, task = payload.get("annotation"), payload.get("task")
-        if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
+        if not isinstance(annotation, dict) or not _is_id(annotation.get("id")):
             raise WebhookError("annotation.id (an integer) is missing")
-        if not isinstance(task, dict) or not isinstance(task.get("id"), int):
+        if not isinstance(task, dict) or not _is_id(task.get("id")):
             raise WebhookError("task.id (an integer) is missing")
-        config = (payload.get("project") or {}).get("label_config")
+        config = (
+            payload["project"].get("label_config") if isinstance(payload["project"], dict) else None
+        )
+        if config is not None and not isinstance(config, str):
+            raise WebhookError("project.label_config must be a string")
         snap = self.served.snapshot
         try:
             targets = (
@@ -64,9 +78,12 @@ class WebhookHandler:
                 else default_targets(snap.classes)
             )
             side = map_size_for(int(snap.meta["image_size"]))
-            correction = correction_from_annotation(project, annotation, task, targets, side)
+            correction = correction_from_annotation(
+                project, annotation, task, targets, side, max_pixels=brush_max_pixels
+            )
         except (CorrectionError, LabelConfigError, ValueError) as exc:
-            raise WebhookError(f"annotation {annotation['id']}: {exc}") from exc
+            status = exc.status if isinstance(exc, CorrectionError) else 400
+            raise WebhookError(f"annotation {annotation['id']}: {exc}", status) from exc
         if correction is None:
             return {"action": payload["action"], "stored": False, "reason": "no attention brush"}
         if correction.model_version is None:
@@ -84,7 +101,7 @@ class WebhookHandler:
         project = project_id(payload)
         annotations = payload.get("annotations")
         if not isinstance(annotations, list) or not all(
-            isinstance(a, dict) and isinstance(a.get("id"), int) for a in annotations
+            isinstance(a, dict) and _is_id(a.get("id")) for a in annotations
         ):
             raise WebhookError('"annotations" must be a list of {"id": <integer>}')
         removed = self.store.delete(project, [a["id"] for a in annotations])
@@ -100,6 +117,11 @@ class WebhookHandler:
 def project_id(payload: dict[str, Any]) -> str:
     project = payload.get("project")
     value = project.get("id") if isinstance(project, dict) else project
-    if not isinstance(value, int | str) or isinstance(value, bool) or str(value) == "":
+    if not isinstance(value, int | str) or isinstance(value, bool) or str(value).strip() == "":
         raise WebhookError("project.id is missing")
     return str(value)
+
+
+def _is_id(value: object) -> bool:
+    """An id the store can hold: an integer (not a boolean) in SQLite's 0..2**63-1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID

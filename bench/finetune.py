@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from model import build_abn
 from model.checkpoint import make_meta
 from model.data import AttentionDataset, find_classes
-from model.decoy_digits import build_decoy_digits
+from model.paper.decoy_digits import build_decoy_digits
 from model.losses import abn_loss
 from model.train import TrainConfig, cache_features, finetune
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from model.abn import build_abn
+from model.errors import UserError
 from model.resnet import build_resnet
 
 FORMAT = "abn-checkpoint"
@@ -29,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = {"abn": build_abn, "resnet": build_resnet}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: missing, truncated, foreign, or of another model."""
 
 

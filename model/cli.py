@@ -9,17 +9,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.data import DatasetError
-from model.decoy_digits import NAME as DECOY_DIGITS
-from model.decoy_digits import build_decoy_digits
+from model.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from model.errors import UserError
 from model.explain import explain, overlay, side_by_side
 from model.maps import load_map_image
-from model.pretrained import PretrainedWeightsError
+from model.paper.decoy_digits import NAME as DECOY_DIGITS
+from model.paper.decoy_digits import build_decoy_digits
 from model.resnet import ARCHITECTURES
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
@@ -115,8 +117,8 @@ def cmd_explain(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from model.evaluate import candidate_from_checkpoint, resolve_device, run_evaluation
-    from model.report import check_output_dir, write_evaluation
+    from model.paper.evaluate import candidate_from_checkpoint, resolve_device, run_evaluation
+    from model.paper.report import check_output_dir, write_evaluation
 
     check_output_dir(args.out)
     data = resolve_data(args.data)
@@ -137,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from model.reproduce import ReproduceSettings, fill_defaults, reproduce
+    from model.paper.reproduce import ReproduceSettings, fill_defaults, reproduce
 
     chosen = fill_defaults(args.data, vars(args), builtin=DECOY_DIGITS)
     if chosen:
@@ -227,6 +229,79 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_training_options(p, epochs=0)
     p.set_defaults(func=cmd_reproduce, epochs=None, image_size=None)
 
+    p = sub.add_parser("sweep", help="choose gamma on a validation split carved from TRAIN")
+    add_sweep_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``abn sweep``."""
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="markdown file for the table")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/gamma-sweep"))
+    p.add_argument("--gammas", default="0,0.3,1,3,10")
+    p.add_argument("--budgets", default="all", help="comma list of ints or 'all'")
+    p.add_argument("--selections", default="misclassified")
+    p.add_argument(
+        "--extra",
+        default="",
+        help="more settings after the grid: SELECTION:BUDGET:GAMMA,... (BUDGET an int or all)",
+    )
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--finetune-epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fraction", type=float, default=0.2)
+    p.add_argument("--curve-limit", type=int, default=100)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    """``abn sweep``: run the grid and write the markdown table to ``--out``."""
+    from model.paper.sweep import render, sweep
+
+    data = resolve_data(args.data)
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        seed=args.seed,
+        device=args.device,
+    )
+
+    def budget(text: str) -> int | None:
+        return None if text == "all" else int(text)
+
+    settings = [
+        (selection, budget(b), float(g))
+        for selection in args.selections.split(",")
+        for b in args.budgets.split(",")
+        for g in args.gammas.split(",")
+    ]
+    for item in filter(None, args.extra.split(",")):
+        selection, b, g = item.split(":")
+        settings.append((selection, budget(b), float(g)))
+    rows, facts = sweep(
+        data,
+        args.work_dir,
+        config,
+        settings=settings,
+        finetune_epochs=args.finetune_epochs,
+        fraction=args.fraction,
+        step=8 * args.image_size,
+        curve_limit=args.curve_limit,
+        decoy=args.data == DECOY_DIGITS,
+    )
+    command = "abn " + shlex.join(sys.argv[1:])
+    text = render(rows, facts, command)
+    with atomic_write(args.out, "w") as f:
+        f.write(text)
+    umask = os.umask(0)
+    os.umask(umask)
+    args.out.chmod(0o666 & ~umask)  # atomic_write's temporary file is private
+    print(text)
+
 
 def configure_logging(verbose: bool = False) -> None:
     logging.basicConfig(
@@ -243,11 +318,11 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace) -> None:
-    """Run a parsed command; a user's mistake ends with its message, not a traceback."""
+    """Run a parsed command; a user's mistake ends with its message, a bug with its traceback."""
     configure_logging(args.verbose)
     try:
         args.func(args)
-    except (CheckpointError, DatasetError, PretrainedWeightsError, ValueError) as exc:
+    except UserError as exc:
         raise SystemExit(f"error: {exc}") from exc
 
 

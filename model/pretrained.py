@@ -14,6 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
+from model.errors import UserError
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_ENUMS = {
@@ -25,7 +27,7 @@ WEIGHTS_ENUMS = {
 }
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError, ValueError):
     """The weights asked for do not exist or do not fit the architecture."""
 
 

@@ -1,4 +1,4 @@
-"""`abn evaluate` and model.evaluate/model.report: schema, report contents, bad input, atomicity.
+"""`abn evaluate` and model.paper.evaluate/model.paper.report: schema, report contents, bad input, atomicity.
 
 Everything runs on a 6-image synthetic dataset at 32 px (3 classes, 2 test images each) with
 untrained checkpoints, so a full evaluation takes a second or two on a shared CPU.
@@ -20,7 +20,7 @@ from model import build_abn, build_resnet, save_checkpoint
 from model.checkpoint import make_meta
 from model.cli import main
 from model.data import DatasetError
-from model.evaluate import (
+from model.paper.evaluate import (
     Candidate,
     Evaluation,
     MethodResult,
@@ -31,7 +31,7 @@ from model.evaluate import (
     role_of,
     run_evaluation,
 )
-from model.report import (
+from model.paper.report import (
     OutputDirError,
     check_output_dir,
     example_columns,
@@ -243,7 +243,7 @@ def test_dataset_without_maps_warns_and_omits_map_metrics(
 ) -> None:
     data = make_dataset(tmp_path / "nomaps", maps=False)
     candidate = candidate_from_checkpoint(ckpts["abn"], "cpu")
-    with caplog.at_level(logging.WARNING, logger="model.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="model.paper.evaluate"):
         evaluation = run_evaluation([candidate], data, batch_size=8, device="cpu", step=STEP)
     assert "no human maps under" in caplog.text and "maps/test" in caplog.text
     assert set(evaluation.metrics["methods"]["abn"]) == METRIC_KEYS - {"map_mse"}
@@ -346,7 +346,7 @@ def test_failure_while_writing_leaves_outdir_as_it_was(
     def explode(*_args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("model.report.plot_examples", explode)
+    monkeypatch.setattr("model.paper.report.plot_examples", explode)
     with pytest.raises(RuntimeError, match="disk full"):
         write_evaluation(fake_evaluation(["abn"]), out)
     assert_untouched(out)

@@ -87,7 +87,9 @@ class Sender:
         self.sent += 1
         self.statuses[reply.status_code] += 1
         text = reply.get_data(as_text=True)
-        assert reply.status_code < 500, f"{path} -> {reply.status_code} {text[:300]}\n{data[:2000]!r}"
+        assert reply.status_code < 500, (
+            f"{path} -> {reply.status_code} {text[:300]}\n{data[:2000]!r}"
+        )
         if reply.status_code >= 400:
             assert reply.is_json, (path, reply.status_code, text[:300])
             error = reply.json.get("error")
@@ -187,8 +189,9 @@ JSON = st.recursive(
     | st.floats()
     | st.text(max_size=12)
     | st.sampled_from(HOSTILE),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4)
+    ),
     max_leaves=10,
 )
 

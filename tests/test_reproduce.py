@@ -1,4 +1,4 @@
-"""`abn reproduce` and model.reproduce: sample selection, the fine-tuning set, the whole protocol.
+"""`abn reproduce` and model.paper.reproduce: sample selection, the fine-tuning set, the whole protocol.
 
 Tiny on purpose: 32 px random images, 3 classes, one epoch; what is checked is the protocol's
 wiring (which samples get maps, what is written), not what the networks learn.
@@ -19,10 +19,10 @@ from model import build_abn, load_checkpoint
 from model.checkpoint import make_meta
 from model.cli import main
 from model.data import DatasetError, Sample, list_samples
-from model.decoy_check import breakdown_lines, conflicting
-from model.decoy_digits import CANVAS, COLOURS, PATCH
-from model.gamma_sweep import carve_validation, render
-from model.reproduce import fill_defaults, finetune_dataset, select_samples
+from model.paper.decoy_check import breakdown_lines, conflicting
+from model.paper.decoy_digits import CANVAS, COLOURS, PATCH
+from model.paper.sweep import carve_validation, render
+from model.paper.reproduce import fill_defaults, finetune_dataset, select_samples
 
 CLASSES = ["ant", "bee", "cat"]
 SIZE = 32
@@ -58,7 +58,7 @@ def test_misclassified_lowest_confidence_first_within_budget(
 ) -> None:
     probs = [0.9, 0.2, 0.5, 0.1, 0.8, 0.3, 0.7, 0.6, 0.4]
     correct = [True, False, False, True, False, True, True, False, True]
-    monkeypatch.setattr("model.reproduce.true_class_confidence", fake_confidence(probs, correct))
+    monkeypatch.setattr("model.paper.reproduce.true_class_confidence", fake_confidence(probs, correct))
     chosen = select_samples(*abn, data, "misclassified", budget=3)
     names = [f"{s.image.parent.name}/{s.image.stem}" for s in chosen.samples]
     # misclassified: 1 (0.2), 2 (0.5), 4 (0.8), 7 (0.6); lowest first, 3 of them
@@ -75,7 +75,7 @@ def test_no_misclassified_falls_back_to_confidence(
     data: Path, abn: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     probs = [0.9, 0.95, 0.5, 0.99, 0.8, 0.85, 0.7, 0.6, 0.75]
-    monkeypatch.setattr("model.reproduce.true_class_confidence", fake_confidence(probs, [True] * 9))
+    monkeypatch.setattr("model.paper.reproduce.true_class_confidence", fake_confidence(probs, [True] * 9))
     chosen = select_samples(*abn, data, "misclassified", budget=2)
     assert chosen.rule.startswith("confidence")
     assert [f"{s.image.parent.name}/{s.image.stem}" for s in chosen.samples] == ["ant/2", "cat/1"]
@@ -189,7 +189,7 @@ def test_validation_is_carved_from_train_only(data: Path, tmp_path: Path) -> Non
             "map_mse": 0.1,
         },
     ]
-    table = render(rows, {"train": 6, "val": 3}, "python -m model.gamma_sweep ...")
+    table = render(rows, {"train": 6, "val": 3}, "abn sweep ...")
     assert "| gamma 1 | 2 | **75.00** | 0.1000 | 0.7000 | 0.1000 |" in table
 
 

@@ -1,4 +1,4 @@
-"""Tests of model.saliency: CAM and Grad-CAM against hand computations, and no leftover hooks."""
+"""Tests of model.paper.saliency: CAM and Grad-CAM against hand computations, and no leftover hooks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from model.metrics import normalize_map
-from model.saliency import cam_maps, gradcam_maps
+from model.paper.saliency import cam_maps, gradcam_maps
 
 
 def tiny_resnet(seed: int = 0) -> nn.Module:

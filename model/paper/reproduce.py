@@ -27,12 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import decoy_check
 from model.abn import ABN
 from model.checkpoint import save_checkpoint
 from model.data import AttentionDataset, DatasetError, Sample
-from model.evaluate import Candidate, Evaluation, paired_top1, resolve_device, run_evaluation
-from model.report import check_output_dir, staged_output, write_evaluation_files
+from model.paper import decoy_check
+from model.paper.evaluate import Candidate, Evaluation, paired_top1, resolve_device, run_evaluation
+from model.paper.report import check_output_dir, staged_output, write_evaluation_files
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
 log = logging.getLogger(__name__)

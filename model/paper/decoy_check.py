@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from model.data import Sample
-from model.decoy_digits import CANVAS, COLOURS, PATCH
+from model.paper.decoy_digits import CANVAS, COLOURS, PATCH
 
 NAME = "decoy-digits"
 

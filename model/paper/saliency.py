@@ -35,7 +35,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 
-from .metrics import normalize_map
+from model.metrics import normalize_map
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ fine-tunes copies of it with each (selection, budget, gamma) and scores them on 
 part, which is treated as the test split (its human maps come from DIR/maps/train). gamma = 0 is
 the control: the same fine-tuning without the map loss, so any gain it shows is not the maps'.
 
-    python -m model.gamma_sweep --data decoy-digits --out docs/results/gamma.md
+    abn sweep --data decoy-digits --out docs/results/gamma.md
 
 For decoy-digits one more column is reported: accuracy on the validation images whose decoy
 colour disagrees with the label (found from the pixels), the closest in-train stand-in for the
@@ -15,13 +15,10 @@ accuracy first, then map MSE.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import logging
 import os
-import shlex
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,16 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from model.checkpoint import load_checkpoint, save_checkpoint
 from model.data import AttentionDataset, find_classes, list_samples
-from model.decoy_check import conflicting
-from model.evaluate import Candidate, Evaluation, run_evaluation
-from model.reproduce import finetune_dataset, select_samples
+from model.paper.decoy_check import conflicting
+from model.paper.evaluate import Candidate, Evaluation, run_evaluation
+from model.paper.reproduce import finetune_dataset, select_samples
 from model.train import TrainConfig, finetune, train
 
 log = logging.getLogger(__name__)
-
-DECOY_NAME = "decoy-digits"
 
 
 def carve_validation(data_dir: str | Path, out_dir: str | Path, fraction: float, seed: int) -> Path:
@@ -212,78 +207,3 @@ def render(rows: list[dict[str, Any]], facts: dict[str, Any], command: str) -> s
         "",
     ]
     return "\n".join([*intro, *lines, ""])
-
-
-def main(argv: list[str] | None = None) -> None:
-    from model.cli import resolve_data
-
-    p = argparse.ArgumentParser(prog="python -m model.gamma_sweep", description=__doc__)
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, type=Path, help="markdown file for the table")
-    p.add_argument("--work-dir", type=Path, default=Path("runs/gamma-sweep"))
-    p.add_argument("--gammas", default="0,0.3,1,3,10")
-    p.add_argument("--budgets", default="all", help="comma list of ints or 'all'")
-    p.add_argument("--selections", default="misclassified")
-    p.add_argument(
-        "--extra",
-        default="",
-        help="more settings after the grid: SELECTION:BUDGET:GAMMA,... (BUDGET an int or all)",
-    )
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--finetune-epochs", type=int, default=10)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fraction", type=float, default=0.2)
-    p.add_argument("--curve-limit", type=int, default=100)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    data = resolve_data(args.data)
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        seed=args.seed,
-        device=args.device,
-    )
-
-    def budget(text: str) -> int | None:
-        return None if text == "all" else int(text)
-
-    settings = [
-        (selection, budget(b), float(g))
-        for selection in args.selections.split(",")
-        for b in args.budgets.split(",")
-        for g in args.gammas.split(",")
-    ]
-    for item in filter(None, args.extra.split(",")):
-        selection, b, g = item.split(":")
-        settings.append((selection, budget(b), float(g)))
-    rows, facts = sweep(
-        data,
-        args.work_dir,
-        config,
-        settings=settings,
-        finetune_epochs=args.finetune_epochs,
-        fraction=args.fraction,
-        step=8 * args.image_size,
-        curve_limit=args.curve_limit,
-        decoy=args.data == DECOY_NAME,
-    )
-    command = "python -m model.gamma_sweep " + shlex.join(
-        argv if argv is not None else sys.argv[1:]
-    )
-    text = render(rows, facts, command)
-    with atomic_write(args.out, "w") as f:
-        f.write(text)
-    umask = os.umask(0)
-    os.umask(umask)
-    args.out.chmod(0o666 & ~umask)  # atomic_write's temporary file is private
-    print(text)
-
-
-if __name__ == "__main__":
-    main()

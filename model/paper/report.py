@@ -21,7 +21,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from model.evaluate import METHODS, Evaluation, curve_points
+from model.errors import UserError
+from model.paper.evaluate import METHODS, Evaluation, curve_points
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-class OutputDirError(ValueError):
+class OutputDirError(UserError, ValueError):
     """OUTDIR cannot be (re)written: it holds files this tool did not write."""
 
 

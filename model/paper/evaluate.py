@@ -28,7 +28,7 @@ from model.abn import ABN
 from model.checkpoint import load_checkpoint
 from model.data import AttentionDataset, DatasetError, Sample, list_samples, unreadable_files
 from model.metrics import CurveResult, DeletionInsertion, map_mse, topk_accuracy
-from model.saliency import cam_maps, gradcam_maps
+from model.paper.saliency import cam_maps, gradcam_maps
 from model.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ class MethodResult:
 
 @dataclass
 class Evaluation:
-    """Everything `model.report` renders; `metrics` is the ``metrics.json`` of design.md."""
+    """Everything `model.paper.report` renders; `metrics` is the ``metrics.json`` of design.md."""
 
     dataset: str
     arch: str
