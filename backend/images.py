@@ -438,7 +438,7 @@ class ImageLoader:
                     "too_many_pixels",
                 )
             if width * height > self.working_pixels and img.format == "JPEG":
-                img.draft(None, _fit(width, height, self.working_pixels))  # DCT scaling
+                img.draft(None, _draft_request(width, height, self.working_pixels))
             with self._budget.hold(img.width * img.height, self.settings.image_timeout, name):
                 img.load()
                 try:
@@ -704,10 +704,13 @@ class ImageLoader:
 # ---------------------------------------------------------------------- decoding helpers
 
 
-def _fit(width: int, height: int, pixels: int) -> tuple[int, int]:
-    """The largest size with the aspect ratio of width x height and at most `pixels` pixels."""
-    scale = math.sqrt(pixels / (width * height))
-    return max(1, int(width * scale)), max(1, int(height * scale))
+def _draft_request(width: int, height: int, pixels: int) -> tuple[int, int]:
+    """The size to ask ``JpegImageFile.draft`` for: the 1/2, 1/4 or 1/8 scale that comes
+    closest to `pixels` without a second decode pass (draft decodes at least that size)."""
+    scale = 1
+    while scale < 8 and width * height > pixels * scale * scale:
+        scale *= 2
+    return max(1, width // scale), max(1, height // scale)
 
 
 def _shrink(img: Image.Image, pixels: int) -> Image.Image:

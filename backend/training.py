@@ -1,17 +1,15 @@
 """The fine-tuning job an RQ worker runs: corrections in, a gated new version out.
 
-1. Take the project's corrections (and confirmations) from the store, fetch their images.
-2. Hold some out (chosen by task id, so the split is stable from round to round).
-3. Fine-tune the served model's branches on the rest, the trunk frozen and cached.
-4. Gate: on the held-out images, the new model must not be worse than the served one by more
-   than the set margins, in accuracy and in distance to the human maps.
-5. Publish (atomically) with the lineage, or leave the served model untouched and say why.
+This is the I/O around one round (``model/round.py`` holds its machine learning): take the
+project's corrections and confirmations from the store, fetch their images, hand them to
+:func:`model.round.run_round`, then publish the new version with its lineage (atomically), or
+leave the served model untouched and record why. Progress goes to the RQ job's meta, which
+``/status`` shows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import threading
@@ -29,24 +27,13 @@ from backend.jobs import HEARTBEAT_TTL, TrainingQueue
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from model.abn import ABN
 from model.checkpoint import atomic_write, load_checkpoint
-from model.data import InMemoryMapsDataset, image_transform
+from model.data import image_transform
 from model.maps import map_size_for
-from model.metrics import map_mse
-from model.train import TrainConfig, autocast, finetune
+from model.round import Examples, GateMargins, run_round
+from model.train import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-class GateRejected(RuntimeError):
-    """The fine-tuned model was worse than the served one on held-out data."""
-
-
-def is_held_out(task_id: int, fraction: float) -> bool:
-    """A stable split: the same task is always on the same side."""
-    digest = hashlib.sha256(str(task_id).encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
 def report_progress(**fields: Any) -> None:
@@ -54,50 +41,6 @@ def report_progress(**fields: Any) -> None:
     if job is not None:
         job.meta.update(fields)
         job.save_meta()
-
-
-@torch.no_grad()
-def predict_all(
-    model: ABN, images: torch.Tensor, device: str, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted classes and attention maps (on the CPU), a batch at a time."""
-    model.eval()
-    classes, maps = [], []
-    for start in range(0, len(images), batch_size):
-        with autocast(torch.device(device)):
-            out = model(images[start : start + batch_size].to(device))
-        classes.append(out.perception_logits.float().argmax(1).cpu())
-        maps.append(out.attention.float().cpu())
-    return torch.cat(classes), torch.cat(maps)
-
-
-def held_out_scores(
-    predicted: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor
-) -> dict[str, float | None]:
-    """Accuracy on labelled held-out images, and mean squared distance to their human maps."""
-    known = labels >= 0
-    accuracy = float((predicted[known] == labels[known]).float().mean()) if known.any() else None
-    distance = float(map_mse(attention[:, 0], maps[:, 0]).mean())
-    return {"accuracy": accuracy, "map_mse": distance, "count": len(labels)}
-
-
-def gate(
-    old: dict[str, float | None], new: dict[str, float | None], settings: Settings
-) -> list[str]:
-    """Reasons to refuse the new model; empty means it may be published."""
-    reasons = []
-    before, after = old["accuracy"], new["accuracy"]
-    if before is not None and after is not None and after < before - settings.gate_accuracy_margin:
-        reasons.append(
-            f"held-out accuracy fell from {before:.3f} to {after:.3f} "
-            f"(margin {settings.gate_accuracy_margin})"
-        )
-    if new["map_mse"] > old["map_mse"] + settings.gate_map_margin:
-        reasons.append(
-            f"distance to human maps rose from {old['map_mse']:.4f} to {new['map_mse']:.4f} "
-            f"(margin {settings.gate_map_margin})"
-        )
-    return reasons
 
 
 def load_examples(
@@ -133,32 +76,17 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         raise RuntimeError("no published model to fine-tune: start the backend once first")
     model, meta = load_checkpoint(registry.checkpoint_path(current["version"]), device=device)
     meta = {**meta, "parent_version": current["version"]}
-    corrections = [c for c in store.corrections(project) if c.target.shape[0] > 0]
     side = map_size_for(meta["image_size"])
-    corrections = [c for c in corrections if c.target.shape == (side, side)]
+    corrections = [c for c in store.corrections(project) if c.target.shape == (side, side)]
     report_progress(stage="fetching images", project=project, corrections=len(corrections))
-    examples, images = load_examples(corrections, ImageLoader(settings), meta)
-    if not examples:
+    kept, images = load_examples(corrections, ImageLoader(settings), meta)
+    if not kept:
         raise RuntimeError(f"project {project}: no correction with a readable image")
-    labels = labels_for(examples, meta["classes"])
-    maps = torch.from_numpy(np.stack([c.target for c in examples]))[:, None]
-    # An unedited brush is the annotator confirming the map: it is a target too.
-    has_map = torch.ones(len(examples), dtype=torch.bool)
-    held = torch.tensor([is_held_out(c.task_id, settings.holdout_fraction) for c in examples])
-    if held.all() or not held.any():
-        held = torch.zeros(len(examples), dtype=torch.bool)  # too few to split: gate on all
-    gate_idx = held.nonzero()[:, 0] if held.any() else torch.arange(len(examples))
-    train_idx = (~held).nonzero()[:, 0]
-    # One pass of the served model: its scores for the gate, and its prediction as the label of
-    # samples without a class it knows (they still teach the map).
-    batch = settings.finetune_batch_size
-    predicted, attention = predict_all(model, images, device, batch)
-    old_scores = held_out_scores(
-        predicted[gate_idx], attention[gate_idx], labels[gate_idx], maps[gate_idx]
-    )
-    train_labels = torch.where(labels >= 0, labels, predicted)
-    dataset = InMemoryMapsDataset(
-        images[train_idx], train_labels[train_idx], maps[train_idx], has_map[train_idx]
+    examples = Examples(
+        images=images,
+        labels=labels_for(kept, meta["classes"]),
+        maps=torch.from_numpy(np.stack([c.target for c in kept]))[:, None],
+        keys=tuple(c.task_id for c in kept),
     )
     config = TrainConfig(
         epochs=settings.finetune_epochs,
@@ -173,45 +101,44 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
             stage="fine-tuning", epoch=row["epoch"], epochs=config.epochs, loss=row["loss"]
         )
 
-    model, new_meta = finetune(
+    outcome = run_round(
         model,
         meta,
-        f"project {project}",
+        examples,
         config,
         gamma=settings.gamma,
-        dataset=dataset,
+        margins=GateMargins(settings.gate_accuracy_margin, settings.gate_map_margin),
+        holdout_fraction=settings.holdout_fraction,
+        data_label=f"project {project} corrections",
         progress=on_epoch,
     )
-    new_scores = held_out_scores(
-        *predict_all(model, images[gate_idx], device, batch), labels[gate_idx], maps[gate_idx]
-    )
-    trained_ids = [examples[i].annotation_id for i in train_idx.tolist()]
+    trained_ids = [kept[i].annotation_id for i in outcome.trained]
+    gate_record = {"before": outcome.before.to_dict(), "after": outcome.after.to_dict()}
     record: dict[str, Any] = {
         "project": project,
         "reason": reason,
         "parent_version": current["version"],
         "annotation_ids": trained_ids,
-        "held_out_annotation_ids": [examples[i].annotation_id for i in gate_idx.tolist()],
-        "gate": {"before": old_scores, "after": new_scores},
-        "settings": new_meta["settings"],
+        "held_out_annotation_ids": [kept[i].annotation_id for i in outcome.held_out],
+        "gate": gate_record,
+        "settings": outcome.meta["settings"],
         "finished_at": time.time(),
     }
-    refused = gate(old_scores, new_scores, settings)
-    if refused:
-        record.update(status="rejected", reasons=refused)
-        log.warning("project %s: new model not published: %s", project, "; ".join(refused))
+    if not outcome.accepted:
+        record.update(status="rejected", reasons=outcome.refusals)
+        log.warning("project %s: new model not published: %s", project, "; ".join(outcome.refusals))
         return record
     published = registry.publish(
-        model,
-        new_meta,
+        outcome.model,
+        outcome.meta,
         project=project,
         annotation_ids=trained_ids,
-        gate=record["gate"],
-        settings=new_meta["settings"],
+        gate=gate_record,
+        settings=outcome.meta["settings"],
     )
     # Held-out corrections were used too (by the gate): neither kind counts towards the next
     # round's trigger.
-    store.mark_trained(project, [c.annotation_id for c in examples], published["version"])
+    store.mark_trained(project, [c.annotation_id for c in kept], published["version"])
     record.update(status="published", version=published["version"])
     log.info("project %s: published %s", project, published["version"])
     return record

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from model.abn import ABN, ABNOutput, build_abn
 from model.checkpoint import make_meta
-from model.data import AttentionDataset, find_classes
+from model.data import AttentionDataset, InMemoryMapsDataset, find_classes
 from model.losses import abn_loss, finetune_loss
 from model.resnet import build_resnet
 
@@ -225,7 +225,10 @@ def set_branches_train(model: ABN, batch_statistics: bool = True) -> None:
 
 @torch.no_grad()
 def cache_features(
-    model: ABN, dataset: AttentionDataset, batch_size: int, device: torch.device
+    model: ABN,
+    dataset: AttentionDataset | InMemoryMapsDataset,
+    batch_size: int,
+    device: torch.device,
 ) -> TensorDataset:
     """Trunk outputs of every (un-augmented) image, once: the frozen trunk never changes them."""
     model.trunk().eval()
@@ -244,20 +247,26 @@ def cache_features(
 def finetune(
     model: ABN,
     meta: dict[str, Any],
-    data_dir: str | Path,
+    data_dir: str | Path | None = None,
     config: TrainConfig | None = None,
     gamma: float = DEFAULT_GAMMA,
     use_cache: bool = True,
-    dataset: AttentionDataset | None = None,
+    dataset: AttentionDataset | InMemoryMapsDataset | None = None,
     progress: ProgressCallback | None = None,
+    data_label: str | None = None,
 ) -> tuple[ABN, dict[str, Any]]:
     """The paper's section 4.3: branches learn L_att + L_per + gamma * ||M' - M||_2.
 
-    `dataset` overrides the train split of `data_dir` (the backend passes its corrections).
-    `use_cache=False` recomputes the trunk every step; it exists to measure what caching saves.
+    The data is the train split of `data_dir`, or `dataset` (the backend passes its
+    corrections); `data_label` is what the new record says it was trained on (default: the
+    folder). `use_cache=False` recomputes the trunk every step; it exists to measure what
+    caching saves.
     """
     if not isinstance(model, ABN):
         raise TypeError("fine-tuning with attention maps needs an ABN checkpoint")
+    if dataset is None and data_dir is None:
+        raise ValueError("finetune needs a data_dir or a dataset")
+    data_label = data_label or str(data_dir)
     config = config or TrainConfig(epochs=5)
     device = config.torch_device()
     generator = seed_everything(config.seed)
@@ -268,7 +277,7 @@ def finetune(
         )
     if not dataset.has_maps():
         log.warning(
-            "no human maps under %s/maps: fine-tuning on the classification losses only", data_dir
+            "no human maps in %s: fine-tuning on the classification losses only", data_label
         )
     params = freeze_trunk(model)
     optimizer = torch.optim.SGD(
@@ -327,7 +336,7 @@ def finetune(
         "settings": {
             **asdict(config),
             "gamma": gamma,
-            "data": str(data_dir),
+            "data": data_label,
             "finetuned_from": meta.get("settings"),
         },
         "history": history,
