@@ -184,7 +184,7 @@ def create_app(
                 )
             except ValueError as exc:  # backend.images.HostRefused: names the setting
                 log.warning("setup refused for project %s: %s", project, exc)
-                return _error(403, str(exc))
+                return _error(getattr(exc, "status", 403), str(exc))
         if state.webhook_auth is not None:
             conn = state.loader.connection_for(project)
             key = state.loader.connections.project_key(project)
@@ -323,15 +323,16 @@ def predict_tasks(
     failed: Counter[str] = Counter()
     first_failure: dict[str, str] = {}
     batch = max(1, settings.batch_size)
+    size = int(snap.meta["image_size"])
     for start in range(0, len(tasks), batch):
         chunk = list(enumerate(tasks[start : start + batch], start))
         started = time.perf_counter()
         if len(chunk) == 1:
-            loaded = [_load_task_image(state, chunk[0][1], targets.data_key, project)]
+            loaded = [_load_task_image(state, chunk[0][1], targets.data_key, project, size)]
         else:
             loaded = list(
                 state.fetch_pool.map(
-                    lambda item: _load_task_image(state, item[1], targets.data_key, project),
+                    lambda item: _load_task_image(state, item[1], targets.data_key, project, size),
                     chunk,
                 )
             )
@@ -343,8 +344,9 @@ def predict_tasks(
                 if outcome.reason not in first_failure:
                     where = task.get("id", f"#{index}")
                     first_failure[outcome.reason] = f"task {where}: {outcome}"[:300]
-                    if outcome.__cause__ is not None:  # a bug: its traceback, once
-                        log.error("%s", first_failure[outcome.reason], exc_info=outcome.__cause__)
+                    bug = getattr(outcome, "bug", None)
+                    if bug is not None:  # a loader bug: its traceback, once a request
+                        log.error("%s", first_failure[outcome.reason], exc_info=bug)
             else:
                 ready.append((index, outcome))
         fetched = time.perf_counter()
@@ -374,9 +376,12 @@ def predict_tasks(
 
 
 def _load_task_image(
-    state: BackendState, task: dict[str, Any], key: str, project: object
+    state: BackendState, task: dict[str, Any], key: str, project: object, size: int
 ) -> LoadedImage | ImageFetchError:
-    """The task's image, or the error that says why there is none (never raises)."""
+    """The task's image, or the error that says why there is none (never raises).
+
+    Only a copy at about the model's input `size` is kept, with the original width and height.
+    """
     url = task["data"].get(key)
     if url is None:
         return ImageFetchError(f"task data has no {key!r} field", "missing")
@@ -385,12 +390,12 @@ def _load_task_image(
             f"task data {key!r} must be a URL string, got {_type(url)}", "missing"
         )
     try:
-        return state.loader.load(url, project, task.get("id"))
+        return state.loader.load(url, project, task.get("id"), size=size)
     except ImageFetchError as exc:
         return exc
     except Exception as exc:  # a loader bug must not sink the other tasks of the batch
         error = ImageFetchError(f"unexpected error: {type(exc).__name__}: {exc}", "internal")
-        error.__cause__ = exc  # predict_tasks logs the traceback of the first one
+        error.bug = exc  # type: ignore[attr-defined]  # predict_tasks logs the first traceback
         return error
 
 

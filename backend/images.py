@@ -57,6 +57,7 @@ Limits, each a setting:
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import heapq
 import http.cookiejar
@@ -82,7 +83,7 @@ import requests.adapters
 import urllib3.connection
 import urllib3.connectionpool
 import urllib3.exceptions
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from backend.settings import Settings
 from model.checkpoint import atomic_write
@@ -94,6 +95,7 @@ MAX_REDIRECTS = 5
 # The most pixels kept of a decoded image when the caller does not say the model's input size
 # (4096 x 4096, 48 MB as RGB); smaller images are kept whole, so their predictions do not change.
 WORKING_PIXELS = 4096 * 4096
+_TRIM_PIXELS = 2_000_000  # decodes from this size on give their memory back (8 MB and more)
 _CHUNK = 64 * 1024
 _SAFE_KEY = re.compile(r"[^A-Za-z0-9._-]")
 # Label Studio's file paths (label_studio/data_import/urls.py, io_storages/urls.py, 1.23).
@@ -125,7 +127,14 @@ class ImageFetchError(ValueError):
 
 
 class HostRefused(ValueError):
-    """A /setup hostname the backend will not record; the message names the setting."""
+    """A /setup hostname the backend will not record; the message names the setting.
+
+    `status`: the HTTP status for the refusal (400 malformed, 403 not allowed).
+    """
+
+    def __init__(self, message: str, status: int = 403) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -214,6 +223,7 @@ class ProjectConnections:
         self.allowed_hosts = tuple(h.lower() for h in allowed_hosts)
         self._known: dict[str, LabelStudioConnection] = {}
         self._lock = threading.Lock()
+        self._setup_lock = threading.Lock()
 
     @staticmethod
     def project_key(project: object) -> str | None:
@@ -237,9 +247,17 @@ class ProjectConnections:
         if key is None:
             return
         url = hostname.strip().rstrip("/")
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise HostRefused(f"hostname must be an http(s) URL, got {_short(hostname)!r}")
+        try:
+            parts = urlsplit(url)
+            valid = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise HostRefused(f"hostname must be an http(s) URL, got {_short(hostname)!r}", 400)
+        with self._setup_lock:  # one check-then-write at a time in this process
+            self._remember(key, url, token, authenticated)
+
+    def _remember(self, key: str, url: str, token: str | None, authenticated: bool) -> None:
         if self.label_studio_url:
             if not LabelStudioConnection(self.label_studio_url, None).same_host(url):
                 log.info(
@@ -255,7 +273,7 @@ class ProjectConnections:
                     f"hostname {_short(url)!r} is not in ABN_IMAGE_ALLOWED_HOSTS, so images are "
                     "never fetched from it: add its host there, or set LABEL_STUDIO_URL"
                 )
-            current = self.get(project)
+            current = self.get(key)
             if current is not None and not authenticated and not current.same_host(url):
                 raise HostRefused(
                     f"project {key} is connected to Label Studio at {current.url}; a /setup "
@@ -437,9 +455,10 @@ class ImageLoader:
                     "decompression bomb",
                     "too_many_pixels",
                 )
-            if width * height > self.working_pixels and img.format == "JPEG":
+            if width * height > self.working_pixels and img.format in ("JPEG", "MPO"):
                 img.draft(None, _draft_request(width, height, self.working_pixels))
-            with self._budget.hold(img.width * img.height, self.settings.image_timeout, name):
+            decoded = img.width * img.height
+            with self._budget.hold(decoded, self.settings.image_timeout, name):
                 img.load()
                 try:
                     orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
@@ -451,11 +470,13 @@ class ImageLoader:
                 img = _shrink(img, self.working_pixels)
                 if method is not None:
                     img = img.transpose(method)
-                if img.mode != "RGB":
-                    img = img.convert("RGB")
+                if img.mode != "RGB" or (size is None and isinstance(img, ImageFile.ImageFile)):
+                    img = img.convert("RGB")  # also lets go of the file and its bytes
                 if size is not None:
                     # What the served transform (torchvision Resize, PIL bilinear) does.
                     img = img.resize((size, size), Image.Resampling.BILINEAR)
+            if decoded >= _TRIM_PIXELS:
+                _release_freed_memory()
         except ImageFetchError:
             raise
         except Image.DecompressionBombError as exc:
@@ -705,8 +726,8 @@ class ImageLoader:
 
 
 def _draft_request(width: int, height: int, pixels: int) -> tuple[int, int]:
-    """The size to ask ``JpegImageFile.draft`` for: the 1/2, 1/4 or 1/8 scale that comes
-    closest to `pixels` without a second decode pass (draft decodes at least that size)."""
+    """The size to ask ``JpegImageFile.draft`` for: the smallest of the 1/2, 1/4, 1/8 scales
+    that decodes `pixels` or fewer (1/8 at most; draft decodes at least the size asked)."""
     scale = 1
     while scale < 8 and width * height > pixels * scale * scale:
         scale *= 2
@@ -724,6 +745,30 @@ def _shrink(img: Image.Image, pixels: int) -> Image.Image:
     if img.mode in ("1", "P", "I;16", "I;16B", "I;16L", "I;16N"):  # modes reduce() refuses
         img = img.convert("RGB")
     return img.reduce(factor)
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own libc
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory() -> None:
+    """Give the buffers of a large decode, now freed, back to the system.
+
+    glibc keeps freed memory in per-thread arenas (and raises its mmap threshold after each
+    large free), so without this each request thread would keep a decode's worth of RSS:
+    8 threads decoding 8000x8000 PNGs held +1.7 GB after the last one was freed, ~0 with it.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class _PixelBudget:

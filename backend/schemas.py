@@ -207,7 +207,8 @@ def check(model: type[Body], body: Any) -> None:
         errors = exc.errors(include_url=False)
         message = describe_error(model, errors[0])
         if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+            more = len(errors) - 1
+            message += f"; and {more} more problem{'s' if more > 1 else ''}"
         raise BodyError(message) from None
 
 

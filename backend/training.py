@@ -51,7 +51,9 @@ def load_examples(
     kept, tensors = [], []
     for c in corrections:
         try:
-            loaded = loader.load(c.image, project=c.project, task_id=c.task_id)
+            loaded = loader.load(
+                c.image, project=c.project, task_id=c.task_id, size=meta["image_size"]
+            )
         except ImageFetchError as exc:
             log.warning("annotation %s: image skipped (%s)", c.annotation_id, exc)
             continue

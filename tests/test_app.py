@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from label_studio_sdk.label_interface import LabelInterface
 from werkzeug.serving import make_server
 
 from backend.app import WebhookAuthorizer, create_app
-from backend.brush import decode_rle
+from backend.brush import decode_rle, encode_rle
 from backend.images import LabelStudioConnection
 from backend.label_config import label_config_for
 from backend.predictions import attention_alpha
@@ -332,6 +334,230 @@ def test_no_user_input_causes_a_500(client) -> None:
             assert reply.status_code < 500, (path, body, reply.json)
 
 
+# ---------------------------------------------------------------------------- hostile bodies
+# Each reproducer got a 500 before (issue 8): an event Label Studio never sends again.
+
+
+def brush_event(aid: int = 5, **annotation: Any) -> dict[str, Any]:
+    """ANNOTATION_CREATED with a valid 1x1 attention brush and a class."""
+    return {
+        "action": "ANNOTATION_CREATED",
+        "project": {"id": 1, "label_config": CONFIG},
+        "annotation": {
+            "id": aid,
+            "result": [
+                {
+                    "id": "att",
+                    "from_name": "attention",
+                    "to_name": "image",
+                    "type": "brushlabels",
+                    "origin": "manual",
+                    "original_width": 1,
+                    "original_height": 1,
+                    "value": {
+                        "format": "rle",
+                        "rle": encode_rle(np.full((1, 1), 255, np.uint8)),
+                        "brushlabels": ["Attention"],
+                    },
+                },
+                {"from_name": "class", "to_name": "image", "type": "choices", "value": {}},
+            ],
+            "updated_at": "2026-11-26T10:00:00Z",
+            **annotation,
+        },
+        "task": {"id": 3, "data": {"image": "/data/upload/1/a.png"}, "predictions": []},
+    }
+
+
+def _set(body: dict, path: str, value: Any) -> dict:
+    *parents, last = path.split(".")
+    target: Any = body
+    for step in parents:
+        target = target[int(step)] if step.isdigit() else target[step]
+    target[int(last) if last.isdigit() else last] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "needle"),
+    [
+        ("project.label_config", ["<View/>"], "project.label_config must be a string"),
+        ("annotation.result", [1], "annotation.result[0] must be an object"),
+        (
+            "annotation.result.0.value.brushlabels",
+            5,
+            "annotation.result[0].value.brushlabels must be an array of strings",
+        ),
+        ("annotation.result.0.origin", [], "annotation.result[0].origin must be a string"),
+        ("annotation.result.1.value", 5, "annotation.result[1].value must be an object"),
+        ("annotation.result.1.value", {"choices": 5}, "annotation.result[1].value.choices must"),
+        ("task.data", ["/data/upload/1/a.png"], "task.data must be an object"),
+        ("task.predictions", 5, "task.predictions must be an array"),
+        ("annotation.id", 2**63, "annotation.id must be an integer in 0..9223372036854775807"),
+        ("annotation.updated_at", {}, "annotation.updated_at must be a string"),
+        ("annotation.result.0.original_width", float("inf"), "result[0].original_width must be"),
+    ],
+)
+def test_hostile_annotation_is_a_400_naming_the_field(
+    client, path: str, value: Any, needle: str
+) -> None:
+    reply = client.post(
+        "/webhook",
+        data=json.dumps(_set(brush_event(), path, value)),  # inf is sent as Infinity
+        content_type="application/json",
+    )
+    assert reply.status_code == 400, reply.get_data(as_text=True)
+    assert needle in reply.json["error"]
+    assert reply.json["error"] in reply.status  # the reason phrase Label Studio shows
+
+
+def test_a_project_given_as_its_id_is_the_project(client) -> None:
+    reply = post(client, "/webhook", {**brush_event(), "project": 1})
+    assert reply.status_code == 200 and reply.json["stored"] is True
+
+
+def test_a_later_update_with_a_bad_timestamp_is_a_400(client) -> None:
+    assert post(client, "/webhook", brush_event()).status_code == 200
+    reply = post(client, "/webhook", brush_event(updated_at=5))
+    assert reply.status_code == 400
+    assert "annotation.updated_at must be a string, got a number" in reply.json["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        (
+            "/webhook",
+            {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": [{"id": 2**63}]},
+            "annotations[0].id must be an integer in 0..9223372036854775807",
+        ),
+        ("/predict", {"tasks": [{"id": 2**63, "data": {}}]}, "tasks[0].id must be an integer"),
+        ("/predict", {"tasks": [{"id": True, "data": {}}]}, "tasks[0].id must be an integer"),
+        ("/rollback", {"version": ""}, "field 'version' must be a version name"),
+        ("/setup", {"schema": CONFIG, "project": ""}, "field 'project' must be an integer or"),
+    ],
+)
+def test_ids_out_of_range_and_empty_names_are_400s(client, path: str, body: Any, needle: str):
+    reply = post(client, path, body)
+    assert reply.status_code == 400, reply.get_data(as_text=True)
+    assert needle in reply.json["error"]
+
+
+def test_a_brush_over_the_pixel_limit_is_refused_before_it_is_decoded(
+    client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 277 KB webhook declaring a 16384x16384 brush cost +2.3 GB of memory to decode."""
+    import backend.corrections
+
+    def no_decoding(*args: Any) -> None:
+        raise AssertionError("decoded a brush over the limit")
+
+    monkeypatch.setattr(backend.corrections, "decode_rle", no_decoding)
+    body = brush_event()
+    _set(body, "annotation.result.0.original_width", 16384)
+    _set(body, "annotation.result.0.original_height", 16384)
+    reply = post(client, "/webhook", body)
+    assert reply.status_code == 413
+    assert "16384x16384" in reply.json["error"]
+    assert "ABN_BRUSH_MAX_PIXELS=64000000" in reply.json["error"]
+
+
+def test_the_brush_limit_is_a_setting(
+    tmp_path: Path, fake_ls: FakeLabelStudio, served: ServedModel
+) -> None:
+    settings = make_settings(tmp_path, fake_ls, brush_max_pixels=99)
+    client = create_app(settings, served=served).test_client()
+    alpha = np.zeros((10, 10), np.uint8)
+    body = _set(brush_event(), "annotation.result.0.value.rle", encode_rle(alpha))
+    _set(body, "annotation.result.0.original_width", 10)
+    _set(body, "annotation.result.0.original_height", 10)
+    reply = post(client, "/webhook", body)
+    assert reply.status_code == 413 and "ABN_BRUSH_MAX_PIXELS=99" in reply.json["error"]
+    _set(body, "annotation.result.0.original_height", 9)  # 90 pixels: decoded, wrong size
+    _set(body, "annotation.result.0.value.rle", encode_rle(alpha[:9]))
+    assert post(client, "/webhook", body).status_code == 200
+
+
+def test_too_many_tasks_in_one_predict_is_a_413(
+    tmp_path: Path, fake_ls: FakeLabelStudio, served: ServedModel
+) -> None:
+    settings = make_settings(tmp_path, fake_ls, max_tasks_per_request=3)
+    client = create_app(settings, served=served).test_client()
+    reply = post(client, "/predict", {"tasks": [task(i, None) for i in range(4)]})
+    assert reply.status_code == 413
+    assert "4 tasks" in reply.json["error"]
+    assert "ABN_MAX_TASKS_PER_REQUEST=3" in reply.json["error"]
+    reply = post(client, "/predict", {"tasks": [task(i, None) for i in range(3)]})
+    assert reply.status_code == 200 and len(reply.json["results"]) == 3
+
+
+def test_failed_tasks_are_logged_once_per_request(
+    client, fake_ls: FakeLabelStudio, caplog: pytest.LogCaptureFixture
+) -> None:
+    """480k tasks without an image wrote 43 MB of log, a line each; now one line a request."""
+    fake_ls.add("/data/upload/1/text.png", b"plain text")
+    tasks = [task(i, None) for i in range(200)] + [task(500, "/data/upload/1/text.png")]
+    with caplog.at_level(logging.INFO, logger="backend"):
+        reply = post(client, "/predict", {"tasks": tasks})
+    assert reply.status_code == 200 and len(reply.json["results"]) == 201
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, lines
+    assert "201 of 201 tasks got no prediction (missing 200, not_image 1)" in lines[0]
+    assert "task 0:" in lines[0] and "task 500:" in lines[0]
+
+
+def test_metrics_labels_are_bounded(client) -> None:
+    """Any method sent used to become a label value: /metrics grew without bound."""
+
+    def hostile(count: int) -> str:
+        for i in range(count):
+            client.open("/health", method=f"BREW{i}")
+            client.open(f"/nowhere/{i}", method=f"M{i}")
+        return client.get("/metrics").get_data(as_text=True)
+
+    hostile(1)  # and /metrics itself, counted once it has answered
+    text = hostile(30)
+    assert "BREW" not in text and "nowhere" not in text
+    assert 'method="other",route="unmatched",status="405"' in text
+    assert len(hostile(300)) < len(text) + 100  # only the counts changed
+
+
+def test_status_and_rollback_show_no_absolute_paths(
+    tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
+) -> None:
+    from backend.registry import ModelRegistry
+
+    registry = ModelRegistry(tmp_path)
+    first = registry.publish_file(tiny_checkpoint, reason="test")
+    registry.publish_file(tiny_checkpoint, reason="test")
+    settings = make_settings(tmp_path, fake_ls, checkpoint=tiny_checkpoint)
+    app = create_app(settings)  # its own model: serving MODEL_DIR's current version
+    try:
+        client = app.test_client()
+        status = client.get("/status")
+        assert status.status_code == 200
+        text = status.get_data(as_text=True)
+        assert str(tmp_path) not in text and str(tiny_checkpoint.parent) not in text
+        assert status.json["model"]["source"] == "versions/v2.pt"
+        registry.checkpoint_path(first["version"]).write_bytes(b"garbage")
+        reply = post(client, "/rollback", {"version": first["version"]})
+        assert reply.status_code == 409
+        assert str(tmp_path) not in reply.json["error"]
+        assert "versions/v1.pt" in reply.json["error"]
+    finally:
+        app.extensions["abn"].loop.stop()
+
+
+def test_path_scrubber() -> None:
+    from backend.app import PathScrubber
+
+    scrub = PathScrubber(Path("/srv/abn")).scrub
+    assert scrub("/srv/abn/versions/v1.pt: truncated") == "versions/v1.pt: truncated"
+    assert scrub({"a": ["see /home/me/models/tiny.pt."]}) == {"a": ["see tiny.pt."]}
+    assert scrub("http://ls:8080/data/upload/1/a.png") == "http://ls:8080/data/upload/1/a.png"
+    assert scrub(3) == 3
+
+
 # ---------------------------------------------------------------------------- auth
 
 
@@ -416,8 +642,9 @@ def test_setup_with_auth_patches_the_webhook_in_the_background(
 # ---------------------------------------------------------------------------- real sockets
 
 
-@pytest.fixture
-def live_server(app: Flask) -> Iterator[str]:
+@contextmanager
+def serving(app: Flask) -> Iterator[str]:
+    """`app` behind werkzeug's HTTP server on a free port (it handles chunked bodies)."""
     server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -425,6 +652,12 @@ def live_server(app: Flask) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}"
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[str]:
+    with serving(app) as url:
+        yield url
 
 
 def test_real_http_predict_and_refusal_reason(live_server: str, fake_ls: FakeLabelStudio) -> None:
@@ -444,6 +677,32 @@ def test_real_http_predict_and_refusal_reason(live_server: str, fake_ls: FakeLab
     assert 'no <Label value="Attention"/>' in str(err.value)
     reply = requests.post(f"{live_server}/predict", data=b"{oops", timeout=10)
     assert reply.status_code == 400 and "malformed JSON" in reply.json()["error"]
+
+
+def test_a_body_over_the_limit_is_a_413_however_it_is_sent(
+    tmp_path: Path, fake_ls: FakeLabelStudio, served: ServedModel
+) -> None:
+    """A chunked body (no Content-Length) over the limit got "400 malformed JSON"."""
+    settings = make_settings(tmp_path, fake_ls, max_request_bytes=4096)
+    body = json.dumps({"tasks": [task(i, None) for i in range(200)]}).encode()
+    assert len(body) > 4096
+
+    def chunks(data: bytes) -> Iterator[bytes]:
+        for start in range(0, len(data), 1000):
+            yield data[start : start + 1000]
+
+    with serving(create_app(settings, served=served)) as url:
+        headers = {"Content-Type": "application/json"}
+        for data in (chunks(body), body):  # chunked, then with a Content-Length
+            reply = requests.post(f"{url}/predict", data=data, headers=headers, timeout=30)
+            assert reply.status_code == 413, reply.text
+            assert "ABN_MAX_REQUEST_BYTES=4096" in reply.json()["error"]
+        small = json.dumps({"tasks": [task(1, None)]}).encode()
+        reply = requests.post(f"{url}/predict", data=chunks(small), headers=headers, timeout=30)
+        assert reply.status_code == 200 and len(reply.json()["results"]) == 1
+        exact = small + b" " * (4096 - len(small))  # at the limit, not over it
+        reply = requests.post(f"{url}/predict", data=chunks(exact), headers=headers, timeout=30)
+        assert reply.status_code == 200, reply.text
 
 
 def test_model_is_loaded_once_per_process(

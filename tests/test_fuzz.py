@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,13 +53,16 @@ def fuzz_settings(examples: int) -> settings:
 
 
 @pytest.fixture
-def fuzz_app(
-    tmp_path: Path, fake_ls: FakeLabelStudio, served: ServedModel, tiny_checkpoint: Path
-) -> Flask:
+def fuzz_app(tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path) -> Iterator[Flask]:
+    """The real app, with two published versions to roll back to, and its own model.
+
+    Its own: its hot-swap follows this registry, and must not swap the session's model.
+    """
     for name in ("a", "b"):
         fake_ls.add(f"/data/upload/1/{name}.png", png_bytes(24, 20))
     registry = ModelRegistry(tmp_path)
     registry.publish_file(tiny_checkpoint, reason="fuzz v1")
+    registry.publish_file(tiny_checkpoint, reason="fuzz v2")
     settings = Settings(
         model_dir=tmp_path,
         label_studio_url=fake_ls.url,
@@ -69,7 +72,10 @@ def fuzz_app(
         image_allowed_hosts=(urlsplit(fake_ls.url).netloc,),
         train_after=3,
     )
-    return create_app(settings, served=served)
+    served = ServedModel.from_checkpoint(registry.current_checkpoint(), batch_size=4)
+    app = create_app(settings, served=served)
+    yield app
+    app.extensions["abn"].loop.stop()
 
 
 class Sender:
@@ -396,7 +402,7 @@ def test_fuzz_setup(fuzz_app: Flask) -> None:
 
 def test_fuzz_rollback(fuzz_app: Flask) -> None:
     sender = Sender(fuzz_app)
-    versions = st.sampled_from([{"version": "v1"}, {"version": "v2"}, {"version": "v1", "x": 1}])
+    versions = st.sampled_from([{"version": "v1"}, {"version": "v2"}, {"version": "v3", "x": 1}])
     fuzz(sender, "/rollback", versions, 1000)()
     assert sender.sent >= 1000
 

@@ -22,7 +22,13 @@ from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
 from PIL import Image
 
 from backend.app import create_app
-from backend.images import ImageFetchError, ImageLoader, ProjectConnections, is_file_path
+from backend.images import (
+    HostRefused,
+    ImageFetchError,
+    ImageLoader,
+    ProjectConnections,
+    is_file_path,
+)
 from backend.label_config import label_config_for
 from backend.serving import ServedModel
 from backend.settings import Settings
@@ -384,6 +390,15 @@ def test_setup_hostname_outside_the_allow_list_is_refused(
     assert client.post("/setup", json=setup_body("9", fake_ls.url)).status_code == 200
 
 
+def test_a_malformed_setup_hostname_is_a_400(tmp_path: Path) -> None:
+    connections = ProjectConnections(tmp_path)
+    for hostname in ("http://[bad", "ftp://ls", "http://"):
+        with pytest.raises(HostRefused) as err:
+            connections.remember("1", hostname, TOKEN)
+        assert err.value.status == 400 and "hostname" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_recorded_host_outside_the_allow_list_is_not_used(
     fake_ls: FakeLabelStudio, tmp_path: Path
 ) -> None:
@@ -580,6 +595,18 @@ def test_trickling_headers_are_cut_at_the_deadline(trickler: Trickler, tmp_path:
     trickler.tail = b"\r\nContent-Length: 0\r\n\r\n"
     started = time.monotonic()
     err = fetch_error(trickle_loader(tmp_path, 1.0), trickler.url + "/a.png")
+    assert err.reason == "timeout"
+    assert time.monotonic() - started < 1.0 + 10
+
+
+def test_a_trickling_tls_handshake_is_cut_at_the_deadline(
+    trickler: Trickler, tmp_path: Path
+) -> None:
+    trickler.head = b"\x16\x03\x03\x40\x00"  # a TLS handshake record of 16 KiB, coming slowly
+    trickler.trickle = b"\x02" * 150
+    url = trickler.url.replace("http://", "https://") + "/a.png"
+    started = time.monotonic()
+    err = fetch_error(trickle_loader(tmp_path, 1.0), url)
     assert err.reason == "timeout"
     assert time.monotonic() - started < 1.0 + 10
 
