@@ -197,11 +197,12 @@ def create_app(
         body = _json_object()
         tasks = body.get("tasks")
         if isinstance(tasks, list) and len(tasks) > settings.max_tasks_per_request:
-            return _error(
-                413,
+            message = (
                 f"{len(tasks)} tasks in one request, more than ABN_MAX_TASKS_PER_REQUEST="
-                f"{settings.max_tasks_per_request}; select fewer tasks at a time",
+                f"{settings.max_tasks_per_request}; select fewer tasks at a time"
             )
+            log.warning("/predict refused: %s", message)
+            return _error(413, message)
         _check(PredictBody, body)
         label_config = body.get("label_config")
         project = body.get("project")
@@ -287,7 +288,7 @@ def model_to_serve(settings: Settings) -> Path:
     published version. (Following later publications while running is the hot-swap's job:
     :meth:`ServedModel.swap`.)
     """
-    if (settings.model_dir / "registry.json").is_file():
+    if settings.layout.registry_index.is_file():
         from backend.registry import ModelRegistry
 
         published = ModelRegistry(settings.model_dir).current_checkpoint()
@@ -323,7 +324,7 @@ def predict_tasks(
     failed: Counter[str] = Counter()
     first_failure: dict[str, str] = {}
     batch = max(1, settings.batch_size)
-    size = int(snap.meta["image_size"])
+    size = snap.meta.image_size
     for start in range(0, len(tasks), batch):
         chunk = list(enumerate(tasks[start : start + batch], start))
         started = time.perf_counter()
@@ -655,7 +656,7 @@ def serve(
     if workers > 1 and not metrics_mod.multiprocess_dir():
         # Under MODEL_DIR, not /tmp: a master killed with SIGKILL cannot remove its folder, so
         # the next start removes the folders of masters that are gone.
-        metrics_dir = metrics_mod.make_multiprocess_dir(settings.model_dir / "metrics")
+        metrics_dir = metrics_mod.make_multiprocess_dir(settings.layout.metrics)
         metrics_mod.enable_multiprocess(str(metrics_dir))
     torch_threads = max(1, (os.cpu_count() or 1) // workers)
 

@@ -31,7 +31,7 @@ DEFAULT_MODEL = {"epochs": 5, "image_size": 112, "batch_size": 32}
 
 def default_checkpoint(settings: Settings) -> Path:
     """Train the demo model on decoy-digits once; later starts reuse the file."""
-    path = settings.model_dir / "default-decoy-digits.pt"
+    path = settings.layout.demo_checkpoint
     if path.is_file():
         return path
     data = model_cli.resolve_data(DECOY_DIGITS)

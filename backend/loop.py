@@ -34,7 +34,7 @@ class TrainingLoop:
 
     def __init__(self, settings: Settings, served: ServedModel) -> None:
         self.settings = settings
-        self.store = CorrectionStore(settings.model_dir / "corrections.sqlite3")
+        self.store = CorrectionStore(settings.layout.corrections_db)
         self.registry = ModelRegistry(settings.model_dir)
         self.queue = (
             TrainingQueue(connect(settings.redis_url), self.store) if settings.redis_url else None
@@ -76,7 +76,7 @@ class TrainingLoop:
     def last_jobs(self) -> dict[str, Any]:
         """The last result of each project's job, as the worker recorded it."""
         results = {}
-        for path in sorted((self.settings.model_dir / "jobs").glob("*.json")):
+        for path in sorted(self.settings.layout.jobs.glob("*.json")):
             try:
                 results[path.stem] = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):

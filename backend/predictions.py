@@ -31,13 +31,30 @@ def upsample(attention: np.ndarray, width: int, height: int) -> np.ndarray:
     Bilinear with half-pixel centres, as ``F.interpolate(..., mode="bilinear",
     align_corners=False)``, done separably (rows, then columns) to keep temporaries small.
     """
-    small = np.clip(np.asarray(attention, dtype=np.float32), 0.0, 1.0)
-    if small.ndim != 2 or small.size == 0:
-        raise ValueError(f"an attention map must be a non-empty 2-D array, got {small.shape}")
+    small = _as_map(attention)
     if small.shape == (height, width):
         return small.copy()
     y0, y1, fy = _source_index(small.shape[0], height)
-    x0, x1, fx = _source_index(small.shape[1], width)
+    return _interpolate(small, y0, y1, fy, *_source_index(small.shape[1], width))
+
+
+def _as_map(attention: np.ndarray) -> np.ndarray:
+    small = np.clip(np.asarray(attention, dtype=np.float32), 0.0, 1.0)
+    if small.ndim != 2 or small.size == 0:
+        raise ValueError(f"an attention map must be a non-empty 2-D array, got {small.shape}")
+    return small
+
+
+def _interpolate(
+    small: np.ndarray,
+    y0: np.ndarray,
+    y1: np.ndarray,
+    fy: np.ndarray,
+    x0: np.ndarray,
+    x1: np.ndarray,
+    fx: np.ndarray,
+) -> np.ndarray:
+    """The output rows that `y0`, `y1`, `fy` describe, at every output column."""
     rows = small[y0] * (1 - fy)[:, None]
     rows += small[y1] * fy[:, None]
     out = rows[:, x0]
@@ -68,9 +85,26 @@ def quantise(values: np.ndarray, levels: int) -> np.ndarray:
     return alpha.astype(np.uint8)
 
 
+ROW_BAND = 256  # output rows upsampled at once by attention_alpha
+
+
 def attention_alpha(attention: np.ndarray, width: int, height: int, levels: int) -> np.ndarray:
-    """The brush's alpha channel: the map at the image's size, quantised."""
-    return quantise(upsample(attention, width, height), levels)
+    """The brush's alpha channel: the map at the image's size, quantised.
+
+    Computed a band of rows at a time, each band exactly as :func:`upsample` computes it, so a
+    brush costs about one byte a pixel: at 8000x8000 the whole float map and its temporaries
+    (~700 MB) made the biggest allocation of a /predict.
+    """
+    small = _as_map(attention)
+    y0, y1, fy = _source_index(small.shape[0], height)
+    x0, x1, fx = _source_index(small.shape[1], width)
+    alpha = np.empty((height, width), dtype=np.uint8)
+    for start in range(0, height, ROW_BAND):
+        band = slice(start, start + ROW_BAND)
+        alpha[band] = quantise(
+            _interpolate(small, y0[band], y1[band], fy[band], x0, x1, fx), levels
+        )
+    return alpha
 
 
 def top3_lines(prediction: Prediction) -> list[str]:

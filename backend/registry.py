@@ -24,7 +24,14 @@ from typing import Any
 
 from torch import nn
 
-from model.checkpoint import atomic_write, load_checkpoint, read_checkpoint, save_checkpoint
+from backend.layout import ModelDirLayout
+from model.checkpoint import (
+    CheckpointMeta,
+    atomic_write,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from model.errors import UserError
 
 
@@ -43,13 +50,14 @@ class ModelRegistry:
 
     def __init__(self, model_dir: str | Path) -> None:
         self.root = Path(model_dir)
-        self.versions_dir = self.root / "versions"
-        self.index_path = self.root / "registry.json"
+        self.layout = ModelDirLayout(self.root)
+        self.versions_dir = self.layout.versions
+        self.index_path = self.layout.registry_index
         self.versions_dir.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with open(self.root / "registry.lock", "w") as lock:
+        with open(self.layout.registry_lock, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -82,7 +90,7 @@ class ModelRegistry:
         return st.st_mtime_ns, st.st_size
 
     def checkpoint_path(self, version: str) -> Path:
-        return self.versions_dir / f"{version}.pt"
+        return self.layout.checkpoint(version)
 
     def current_checkpoint(self) -> Path | None:
         """The served version's checkpoint, or None before anything is published."""
@@ -97,7 +105,7 @@ class ModelRegistry:
         known = ", ".join(r["version"] for r in index["versions"]) or "none"
         raise RegistryError(f"no published version {version!r} (published: {known})")
 
-    def publish(self, model: nn.Module, meta: dict[str, Any], **record: Any) -> dict[str, Any]:
+    def publish(self, model: nn.Module, meta: CheckpointMeta, **record: Any) -> dict[str, Any]:
         """Write a new version's checkpoint, then make it current; returns its record.
 
         `record` carries the lineage: parent version, annotation ids, settings, gate metrics.
@@ -106,14 +114,14 @@ class ModelRegistry:
             return self._publish(model, meta, record)
 
     def _publish(
-        self, model: nn.Module, meta: dict[str, Any], record: dict[str, Any]
+        self, model: nn.Module, meta: CheckpointMeta, record: dict[str, Any]
     ) -> dict[str, Any]:
         """:meth:`publish` for a caller that holds the lock."""
         index = self._read()
         number = 1 + max((int(r["version"][1:]) for r in index["versions"]), default=0)
         version = f"v{number}"
         path = self.checkpoint_path(version)
-        save_checkpoint(path, model, {**meta, "version": version})
+        save_checkpoint(path, model, meta.updated(version=version))
         entry = {
             "version": version,
             "path": str(path.relative_to(self.root)),

@@ -32,8 +32,7 @@ from PIL import Image
 from torch import nn
 
 from model import load_checkpoint
-from model.checkpoint import CheckpointError
-from model.data import image_transform
+from model.checkpoint import CheckpointError, CheckpointMeta
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class Snapshot:
 
     version: str
     model: nn.Module
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     device: torch.device
     transform: Any = field(repr=False)
     loaded_at: float
@@ -55,7 +54,7 @@ class Snapshot:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta["classes"])
+        return self.meta.classes
 
 
 @dataclass(frozen=True)
@@ -70,20 +69,20 @@ class Prediction:
     version: str
 
 
-def checkpoint_version(path: str | Path, meta: dict[str, Any]) -> str:
+def checkpoint_version(path: str | Path, meta: CheckpointMeta) -> str:
     """The version a checkpoint is served as: its own, or one derived from its bytes.
 
     A plain checkpoint (no ``version`` in its record) gets ``abn-<arch>-<sha256[:8]>``, stable
     across restarts and workers, and different for different weights, so Label Studio never
     mistakes predictions of one file for those of another.
     """
-    if meta.get("version"):
-        return str(meta["version"])
+    if meta.version:
+        return str(meta.version)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return f"{meta.get('kind', 'abn')}-{meta['arch']}-{digest.hexdigest()[:8]}"
+    return f"{meta.kind}-{meta.arch}-{digest.hexdigest()[:8]}"
 
 
 class ServedModel:
@@ -93,7 +92,7 @@ class ServedModel:
         self,
         version: str,
         model: nn.Module,
-        meta: dict[str, Any],
+        meta: CheckpointMeta,
         *,
         device: str | torch.device = "cpu",
         batch_size: int = 8,
@@ -134,18 +133,18 @@ class ServedModel:
     def _make_snapshot(
         version: str,
         model: nn.Module,
-        meta: dict[str, Any],
+        meta: CheckpointMeta,
         device: torch.device,
         source: str | None = None,
     ) -> Snapshot:
+        meta = CheckpointMeta(meta)
         if meta.get("kind", "abn") != "abn":
             raise CheckpointError(
                 f"only an ABN checkpoint can be served (it gives the attention map); "
                 f"this one is kind {meta.get('kind')!r}"
             )
         model.eval()
-        transform = image_transform(int(meta["image_size"]), meta["mean"], meta["std"])
-        return Snapshot(str(version), model, dict(meta), device, transform, time.time(), source)
+        return Snapshot(str(version), model, meta, device, meta.transform(), time.time(), source)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -164,7 +163,7 @@ class ServedModel:
         self,
         version: str,
         model: nn.Module,
-        meta: dict[str, Any],
+        meta: CheckpointMeta,
         device: str | None = None,
         source: str | None = None,
         warm_up: bool = False,
@@ -198,7 +197,7 @@ class ServedModel:
         self._warm(self._snapshot)
 
     def _warm(self, snap: Snapshot) -> None:
-        size = int(snap.meta["image_size"])
+        size = snap.meta.image_size
         self.predict([Image.new("RGB", (size, size))], snapshot=snap)
 
     def predict(
@@ -263,10 +262,10 @@ class ServedModel:
         meta = snap.meta
         info = {
             "version": snap.version,
-            "kind": meta.get("kind"),
-            "arch": meta.get("arch"),
-            "classes": snap.classes,
-            "image_size": meta.get("image_size"),
+            "kind": meta.kind,
+            "arch": meta.arch,
+            "classes": meta.classes,
+            "image_size": meta.image_size,
             "device": str(snap.device),
             "batch_size": self.batch_size,
             "loaded_at": snap.loaded_at,

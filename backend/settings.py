@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.layout import ModelDirLayout
 from model.errors import UserError
 from model.train import DEFAULT_GAMMA
 
@@ -202,6 +203,11 @@ class Settings:
         )
 
     @property
+    def layout(self) -> ModelDirLayout:
+        """Where everything lives under MODEL_DIR."""
+        return ModelDirLayout(self.model_dir)
+
+    @property
     def auth_enabled(self) -> bool:
         """Whether every route requires HTTP basic auth."""
         return bool(self.basic_auth_user and self.basic_auth_pass)
@@ -211,12 +217,12 @@ class Settings:
         """Where fetched images are cached, or None when the cache is off."""
         if not self.image_cache:
             return None
-        return self.image_cache_dir or self.model_dir / "cache" / "images"
+        return self.image_cache_dir or self.layout.image_cache
 
     @property
     def projects_dir(self) -> Path:
         """Per-project connection records (host, token) that /setup received."""
-        return self.model_dir / "projects"
+        return self.layout.projects
 
 
 def is_loopback(host: str) -> bool:

@@ -27,8 +27,7 @@ from backend.jobs import HEARTBEAT_TTL, TrainingQueue
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
-from model.checkpoint import atomic_write, load_checkpoint
-from model.data import image_transform
+from model.checkpoint import CheckpointMeta, atomic_write, load_checkpoint
 from model.maps import map_size_for
 from model.round import Examples, GateMargins, run_round
 from model.train import TrainConfig
@@ -44,15 +43,15 @@ def report_progress(**fields: Any) -> None:
 
 
 def load_examples(
-    corrections: list[Correction], loader: ImageLoader, meta: dict[str, Any]
+    corrections: list[Correction], loader: ImageLoader, meta: CheckpointMeta
 ) -> tuple[list[Correction], torch.Tensor]:
     """The corrections whose images could be fetched, and those images as model inputs."""
-    transform = image_transform(meta["image_size"], meta["mean"], meta["std"])
+    transform = meta.transform()
     kept, tensors = [], []
     for c in corrections:
         try:
             loaded = loader.load(
-                c.image, project=c.project, task_id=c.task_id, size=meta["image_size"]
+                c.image, project=c.project, task_id=c.task_id, size=meta.image_size
             )
         except ImageFetchError as exc:
             log.warning("annotation %s: image skipped (%s)", c.annotation_id, exc)
@@ -71,14 +70,14 @@ def labels_for(corrections: list[Correction], classes: list[str]) -> torch.Tenso
 def train_project(project: str, settings: Settings, reason: str = "") -> dict[str, Any]:
     """Run one round for `project`; returns the record written to MODEL_DIR/jobs."""
     registry = ModelRegistry(settings.model_dir)
-    store = CorrectionStore(settings.model_dir / "corrections.sqlite3")
+    store = CorrectionStore(settings.layout.corrections_db)
     device = str(TrainConfig(device=settings.train_device).torch_device())
     current = registry.current()
     if current is None:
         raise RuntimeError("no published model to fine-tune: start the backend once first")
     model, meta = load_checkpoint(registry.checkpoint_path(current["version"]), device=device)
-    meta = {**meta, "parent_version": current["version"]}
-    side = map_size_for(meta["image_size"])
+    meta = meta.updated(parent_version=current["version"])
+    side = map_size_for(meta.image_size)
     corrections = [c for c in store.corrections(project) if c.target.shape == (side, side)]
     report_progress(stage="fetching images", project=project, corrections=len(corrections))
     kept, images = load_examples(corrections, ImageLoader(settings), meta)
@@ -86,7 +85,7 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         raise RuntimeError(f"project {project}: no correction with a readable image")
     examples = Examples(
         images=images,
-        labels=labels_for(kept, meta["classes"]),
+        labels=labels_for(kept, meta.classes),
         maps=torch.from_numpy(np.stack([c.target for c in kept]))[:, None],
         keys=tuple(c.task_id for c in kept),
     )
@@ -94,7 +93,7 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         epochs=settings.finetune_epochs,
         batch_size=settings.finetune_batch_size,
         lr=settings.finetune_lr,
-        image_size=meta["image_size"],
+        image_size=meta.image_size,
         device=device,
     )
 
@@ -147,15 +146,14 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
 
 
 def write_last_result(settings: Settings, project: str, record: dict[str, Any]) -> None:
-    path = settings.model_dir / "jobs" / f"{project}.json"
-    with atomic_write(path, "w") as f:
+    with atomic_write(settings.layout.job_result(project), "w") as f:
         json.dump(record, f, indent=1)
 
 
 def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
     """The RQ entry point. Whatever happens, the project is freed and the outcome recorded."""
     settings = Settings.from_env()
-    store = CorrectionStore(settings.model_dir / "corrections.sqlite3")
+    store = CorrectionStore(settings.layout.corrections_db)
     queue = TrainingQueue(connect(settings.redis_url), store)
     beating = threading.Event()
 

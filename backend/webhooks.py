@@ -77,7 +77,7 @@ class WebhookHandler:
                 if config
                 else default_targets(snap.classes)
             )
-            side = map_size_for(int(snap.meta["image_size"]))
+            side = map_size_for(snap.meta.image_size)
             correction = correction_from_annotation(
                 project, annotation, task, targets, side, max_pixels=brush_max_pixels
             )

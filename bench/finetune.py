@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from model import build_abn
 from model.checkpoint import make_meta
 from model.data import AttentionDataset, find_classes
-from model.paper.decoy_digits import build_decoy_digits
 from model.losses import abn_loss
+from model.paper.decoy_digits import build_decoy_digits
 from model.train import TrainConfig, cache_features, finetune
 
 
@@ -54,9 +54,7 @@ def main() -> None:
         data = build_decoy_digits(Path(tmp) / "decoy-digits")
         classes = find_classes(data)
         meta = make_meta("abn", "resnet18", classes, args.image_size)
-        dataset = AttentionDataset(
-            data, "train", classes, args.image_size, meta["mean"], meta["std"]
-        )
+        dataset = AttentionDataset(data, "train", classes, args.image_size, meta.mean, meta.std)
         dataset.samples = dataset.samples[: args.images]
         torch.manual_seed(0)
         start = build_abn("resnet18", len(classes))

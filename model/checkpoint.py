@@ -34,6 +34,60 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: missing, truncated, foreign, or of another model."""
 
 
+class CheckpointMeta(dict[str, Any]):
+    """The record a checkpoint carries, with typed access to the fields every one has.
+
+    It stays a dict (what ``load_checkpoint`` has always returned, and what is saved: any
+    extra keys such as settings, metrics and lineage ride along), but code reads the common
+    fields as attributes (``meta.classes``, ``meta.image_size``) and gets the input transform
+    from :meth:`transform` instead of spelling out size, mean and std each time.
+    """
+
+    REQUIRED = ("kind", "arch", "classes", "image_size", "mean", "std")
+
+    @property
+    def kind(self) -> str:
+        return str(self["kind"])
+
+    @property
+    def arch(self) -> str:
+        return str(self["arch"])
+
+    @property
+    def se(self) -> bool:
+        return bool(self.get("se"))
+
+    @property
+    def classes(self) -> list[str]:
+        return [str(c) for c in self["classes"]]
+
+    @property
+    def image_size(self) -> int:
+        return int(self["image_size"])
+
+    @property
+    def mean(self) -> list[float]:
+        return [float(v) for v in self["mean"]]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(v) for v in self["std"]]
+
+    @property
+    def version(self) -> str | None:
+        return self.get("version")
+
+    def transform(self, train: bool = False) -> Any:
+        """The preprocessing this model was trained with (augmented with `train`)."""
+        from model.data import image_transform
+
+        return image_transform(self.image_size, self.mean, self.std, train=train)
+
+    def updated(self, **changes: Any) -> CheckpointMeta:
+        """A copy with `changes` applied."""
+        return CheckpointMeta({**self, **changes})
+
+
 def make_meta(
     kind: str,
     arch: str,
@@ -43,25 +97,25 @@ def make_meta(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     **extra: Any,
-) -> dict[str, Any]:
+) -> CheckpointMeta:
     """The record every checkpoint carries; `extra` holds parent version, settings, metrics."""
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; expected one of {sorted(KINDS)}")
-    return {
-        "kind": kind,
-        "arch": arch,
-        "se": se,
-        "classes": list(classes),
-        "image_size": int(image_size),
-        "mean": list(mean),
-        "std": list(std),
+    return CheckpointMeta(
+        kind=kind,
+        arch=arch,
+        se=se,
+        classes=list(classes),
+        image_size=int(image_size),
+        mean=list(mean),
+        std=list(std),
         **extra,
-    }
+    )
 
 
-def build_from_meta(meta: dict[str, Any]) -> nn.Module:
+def build_from_meta(meta: CheckpointMeta) -> nn.Module:
     """An untrained network of the shape the record describes."""
-    return KINDS[meta["kind"]](meta["arch"], len(meta["classes"]), se=bool(meta.get("se")))
+    return KINDS[meta.kind](meta.arch, len(meta.classes), se=meta.se)
 
 
 @contextmanager
@@ -89,13 +143,19 @@ def atomic_write(path: str | Path, mode: str = "wb", durable: bool = True) -> It
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write weights and record to `path` atomically; returns the path."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "state": state}
+    # A plain dict: weights_only loading accepts no classes of ours.
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "meta": dict(meta),
+        "state": state,
+    }
     with atomic_write(path) as f:
         torch.save(payload, f)
     return Path(path)
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_checkpoint(path: str | Path) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
     """The record and the raw state dict, checked for format but not built into a model."""
     path = Path(path)
     if not path.is_file():
@@ -112,8 +172,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.T
         raise CheckpointError(
             f"{path}: format version {payload.get('format_version')}, expected {FORMAT_VERSION}"
         )
-    meta = payload["meta"]
-    missing = [k for k in ("kind", "arch", "classes", "image_size", "mean", "std") if k not in meta]
+    if not isinstance(payload.get("meta"), dict):
+        raise CheckpointError(f"{path}: no metadata record")
+    meta = CheckpointMeta(payload["meta"])
+    missing = [k for k in CheckpointMeta.REQUIRED if k not in meta]
     if missing:
         raise CheckpointError(f"{path}: metadata lacks {', '.join(missing)}")
     return meta, payload["state"]
@@ -125,7 +187,7 @@ def load_checkpoint(
     expect_kind: str | None = None,
     expect_arch: str | None = None,
     expect_classes: list[str] | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
+) -> tuple[nn.Module, CheckpointMeta]:
     """The model in eval mode on `device`, and its record; refuses a checkpoint of another model."""
     meta, state = read_checkpoint(path)
     expected = {"kind": expect_kind, "arch": expect_arch, "classes": expect_classes}
@@ -151,8 +213,8 @@ def load_checkpoint(
             if keys
         )
         raise CheckpointError(
-            f"{path}: weights do not fit a {meta['kind']} {meta['arch']} with "
-            f"{len(meta['classes'])} classes ({detail})"
+            f"{path}: weights do not fit a {meta.kind} {meta.arch} with "
+            f"{len(meta.classes)} classes ({detail})"
         )
     model.load_state_dict(state)
     return model.to(device).eval(), meta

@@ -7,7 +7,6 @@ classes before and after show what the edit changed, as the authors' editor show
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import matplotlib
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 from PIL import Image
 
 from model.abn import ABN
-from model.data import image_transform
+from model.checkpoint import CheckpointMeta
 
 TOP_K = 3
 
@@ -31,21 +30,22 @@ class Explanation:
 @torch.inference_mode()
 def explain(
     model: ABN,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     image: Image.Image,
     edited_map: torch.Tensor | None = None,
     k: int = TOP_K,
 ) -> Explanation:
     """Classify `image` with the model's own map, or with `edited_map` (h, w) in its place."""
     device = next(model.parameters()).device
-    x = image_transform(meta["image_size"], meta["mean"], meta["std"])(image.convert("RGB"))
+    x = meta.transform()(image.convert("RGB"))
     attention = None if edited_map is None else edited_map.reshape(1, 1, *edited_map.shape[-2:])
     output = model(
         x[None].to(device), attention=None if attention is None else attention.to(device)
     )
     probs = output.perception_logits.float().softmax(1)[0].cpu()
-    values, indices = probs.topk(min(k, len(meta["classes"])))
-    top = [(meta["classes"][i], float(v)) for v, i in zip(values, indices, strict=True)]
+    classes = meta.classes
+    values, indices = probs.topk(min(k, len(classes)))
+    top = [(classes[i], float(v)) for v, i in zip(values, indices, strict=True)]
     return Explanation(top, output.attention[0, 0].float().cpu().numpy())
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from model.abn import ABN
+from model.checkpoint import CheckpointMeta
 from model.data import InMemoryMapsDataset
 from model.metrics import map_mse
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune
@@ -78,7 +79,7 @@ class RoundOutcome:
     """The fine-tuned model and the gate's verdict, with the numbers behind it."""
 
     model: ABN
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     trained: list[int]  # indices into the round's examples
     held_out: list[int]
     before: Scores
@@ -148,7 +149,7 @@ def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
 
 def run_round(
     model: ABN,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     examples: Examples,
     config: TrainConfig,
     *,

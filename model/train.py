@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from model.abn import ABN, ABNOutput, build_abn
-from model.checkpoint import make_meta
+from model.checkpoint import CheckpointMeta, make_meta
 from model.data import AttentionDataset, InMemoryMapsDataset, find_classes
 from model.losses import abn_loss, finetune_loss
 from model.resnet import build_resnet
@@ -119,11 +119,9 @@ def train(
     builder = build_abn if kind == "abn" else build_resnet
     model = builder(arch, len(classes), pretrained=pretrained, se=se).to(device)
     train_set = AttentionDataset(
-        data_dir, "train", classes, config.image_size, meta["mean"], meta["std"], train=True
+        data_dir, "train", classes, config.image_size, meta.mean, meta.std, train=True
     )
-    test_set = AttentionDataset(
-        data_dir, "test", classes, config.image_size, meta["mean"], meta["std"]
-    )
+    test_set = AttentionDataset(data_dir, "test", classes, config.image_size, meta.mean, meta.std)
     loader = DataLoader(
         train_set,
         batch_size=config.batch_size,
@@ -246,7 +244,7 @@ def cache_features(
 
 def finetune(
     model: ABN,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     data_dir: str | Path | None = None,
     config: TrainConfig | None = None,
     gamma: float = DEFAULT_GAMMA,
@@ -273,7 +271,7 @@ def finetune(
     model = model.to(device)
     if dataset is None:
         dataset = AttentionDataset(
-            data_dir, "train", meta["classes"], meta["image_size"], meta["mean"], meta["std"]
+            data_dir, "train", meta.classes, meta.image_size, meta.mean, meta.std
         )
     if not dataset.has_maps():
         log.warning(
@@ -330,16 +328,15 @@ def finetune(
         )
         if progress:
             progress(row)
-    new_meta = {
-        **meta,
-        "parent_version": meta.get("version"),
-        "settings": {
+    new_meta = meta.updated(
+        parent_version=meta.version,
+        settings={
             **asdict(config),
             "gamma": gamma,
             "data": data_label,
             "finetuned_from": meta.get("settings"),
         },
-        "history": history,
-    }
+        history=history,
+    )
     new_meta.pop("version", None)
     return model.eval(), new_meta

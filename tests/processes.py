@@ -21,6 +21,7 @@ import psutil
 import requests
 
 from backend.corrections import CorrectionStore
+from backend.layout import ModelDirLayout
 from backend.redis_connection import EmbeddedRedis
 from backend.registry import ModelRegistry
 
@@ -101,7 +102,7 @@ class Loop:
         return ModelRegistry(self.model_dir)
 
     def store(self) -> CorrectionStore:
-        return CorrectionStore(self.model_dir / "corrections.sqlite3")
+        return CorrectionStore(ModelDirLayout(self.model_dir).corrections_db)
 
 
 @contextmanager

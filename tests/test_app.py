@@ -816,8 +816,19 @@ def test_settings_from_env() -> None:
         "ABN_IMAGE_ALLOWED_HOSTS": "a.com, *.b.net:8443 ,",
         "ABN_IMAGE_CACHE": "0",
         "ABN_IMAGE_TIMEOUT": "2.5",
+        "ABN_MAX_REQUEST_BYTES": "2048",
+        "ABN_MAX_TASKS_PER_REQUEST": "50",
+        "ABN_BRUSH_MAX_PIXELS": "1000000",
     }
     s = Settings.from_env(env)
+    assert (s.max_request_bytes, s.max_tasks_per_request, s.brush_max_pixels) == (
+        2048,
+        50,
+        1_000_000,
+    )
+    defaults = Settings.from_env({})
+    assert (defaults.max_request_bytes, defaults.max_tasks_per_request) == (64 * 2**20, 1000)
+    assert defaults.brush_max_pixels == defaults.image_max_pixels == 64_000_000
     assert s.model_dir == Path("/srv/abn") and s.label_studio_url == "http://ls:8080"
     assert s.auth_enabled and s.checkpoint == Path("/m.pt")
     assert (s.brush_levels, s.batch_size, s.image_timeout) == (16, 12, 2.5)
@@ -831,6 +842,9 @@ def test_settings_from_env() -> None:
         ({"LABEL_STUDIO_URL": "ls:8080"}, "LABEL_STUDIO_URL"),
         ({"ABN_IMAGE_CACHE": "maybe"}, "ABN_IMAGE_CACHE"),
         ({"ABN_IMAGE_TIMEOUT": "-1"}, "ABN_IMAGE_TIMEOUT"),
+        ({"ABN_BRUSH_MAX_PIXELS": str(2**28 + 1)}, "ABN_BRUSH_MAX_PIXELS"),
+        ({"ABN_MAX_TASKS_PER_REQUEST": "0"}, "ABN_MAX_TASKS_PER_REQUEST"),
+        ({"ABN_MAX_REQUEST_BYTES": "1k"}, "ABN_MAX_REQUEST_BYTES"),
     ]:
         with pytest.raises(SettingsError, match=needle):
             Settings.from_env(bad)

@@ -314,3 +314,19 @@ def test_random_bodies_decode_or_raise_cleanly(
 def test_encode_rejects(alpha, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         encode_rle(alpha)
+
+
+def test_decoding_costs_about_a_byte_per_pixel() -> None:
+    """The alpha is the only large allocation, however many runs the stream has."""
+    import tracemalloc
+
+    alpha = graded(2048, 2048, 8)
+    rle = encode_rle(alpha)
+    tracemalloc.start()
+    try:
+        decoded = decode_rle(rle, 2048, 2048)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(decoded, alpha)
+    assert peak < 2.5 * alpha.size, f"{peak / alpha.size:.2f} bytes per pixel"

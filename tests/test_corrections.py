@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.brush import encode_rle
 from backend.corrections import (
+    BrushTooLarge,
     CorrectionError,
     CorrectionStore,
+    alpha_to_map,
     brush_alpha,
     correction_from_annotation,
 )
@@ -19,6 +25,7 @@ from backend.label_config import default_targets
 from backend.registry import ModelRegistry, RegistryError
 from model import build_abn
 from model.checkpoint import CheckpointError, make_meta
+from model.maps import mask_to_map
 
 CLASSES = ["cat", "dog", "fox"]
 TARGETS = default_targets(CLASSES)
@@ -168,3 +175,102 @@ def test_registry_records_lineage(tmp_path: Path) -> None:
     assert record["annotation_ids"] == [1] and record["parent_version"] is None
     state = torch.load(registry.checkpoint_path("v1"), weights_only=True)
     assert state["meta"]["version"] == "v1"
+
+
+# ---------------------------------------------------------------------------- hostile annotations
+
+
+def _reference_map(alpha: np.ndarray, size: int) -> np.ndarray:
+    """mask_to_map in float64: what alpha_to_map must give (float32 sums drift on big masks)."""
+    import torch
+    import torch.nn.functional as F
+
+    values = torch.as_tensor(alpha, dtype=torch.float64)[None, None]
+    if alpha.max() > 1:
+        values = values / 255.0
+    height, width = alpha.shape
+    mode = "area" if height >= size and width >= size else "bilinear"
+    extra = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(values, size=(size, size), mode=mode, **extra)[0, 0].numpy()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.tuples(st.integers(1, 70), st.integers(1, 70)),
+    size=st.integers(1, 16),
+    levels=st.sampled_from([(0, 1), (0, 255), (0, 73, 146, 255), tuple(range(256))]),
+    seed=st.integers(0, 2**16),
+)
+def test_alpha_to_map_is_mask_to_map(
+    shape: tuple[int, int], size: int, levels: tuple[int, ...], seed: int
+) -> None:
+    alpha = np.random.default_rng(seed).choice(np.array(levels, np.uint8), size=shape)
+    got = alpha_to_map(alpha, size)
+    assert got.dtype == np.float32 and got.shape == (size, size)
+    np.testing.assert_allclose(got, _reference_map(alpha, size), rtol=1e-6, atol=1e-7)
+    # mask_to_map itself computes in float32: its rounding, not a difference of method.
+    np.testing.assert_allclose(got, mask_to_map(alpha, size).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_alpha_to_map_needs_no_copy_of_the_brush() -> None:
+    """mask_to_map holds 9 bytes per pixel (float32 copy and clipped copy): 2.3 GB at 16384^2."""
+    alpha = np.zeros((4096, 4096), np.uint8)
+    alpha[:2048] = 200
+    alpha[:, 1000:1100] = 255
+    tracemalloc.start()
+    try:
+        target = alpha_to_map(alpha, 14)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < alpha.size // 20, f"{peak} bytes for a {alpha.size}-pixel brush"
+    np.testing.assert_allclose(target, _reference_map(alpha, 14), rtol=1e-6)
+
+
+def test_a_brush_over_the_limit_is_refused_before_decoding() -> None:
+    big = {**brush(np.zeros((8, 8), dtype=np.uint8)), "original_width": 16384}
+    big["original_height"] = 16384
+    with pytest.raises(BrushTooLarge, match=r"16384x16384 \(268435456 pixels\), more than ABN_BR"):
+        correction_from_annotation("1", annotation([big]), TASK, TARGETS, 2, max_pixels=10**6)
+    assert BrushTooLarge.status == 413
+    small = brush(np.zeros((8, 8), dtype=np.uint8))
+    assert correction_from_annotation("1", annotation([small]), TASK, TARGETS, 2, max_pixels=64)
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda a, t: a.update(result=[1]), "result 0 must be an object"),
+        (lambda a, t: a["result"][0].update(original_width=float("inf")), "must be an integer"),
+        (lambda a, t: a["result"][0].update(original_width="8"), "must be an integer"),
+        (lambda a, t: a.update(updated_at={}), "updated_at must be a string"),
+        (lambda a, t: t.update(data=["x"]), "task.data.image"),
+        (
+            lambda a, t: a["result"][0].update(value={"rle": None, "brushlabels": ["Attention"]}),
+            "RLE must be a list",
+        ),
+        # Not refusals: what cannot be read is ignored, the brush is still stored.
+        (lambda a, t: a["result"].append({**choice("dog"), "value": 5}), None),
+        (lambda a, t: a["result"].append({**choice("dog"), "value": {"choices": 5}}), None),
+        (lambda a, t: t.update(predictions=5), None),
+        (lambda a, t: t.update(predictions=[{"model_version": {}}]), None),
+        (lambda a, t: a["result"][0].update(value={"brushlabels": 5}), None),
+    ],
+)
+def test_odd_annotations_are_refused_cleanly_or_read(change, error: str | None) -> None:
+    """Called directly (the app checks bodies first), nothing is a TypeError or a crash."""
+    ann = annotation([brush(np.full((8, 8), 200, dtype=np.uint8))])
+    task = {**TASK, "data": dict(TASK["data"])}
+    change(ann, task)
+    if error is None:
+        correction_from_annotation("1", ann, task, TARGETS, 2)
+        return
+    with pytest.raises(CorrectionError, match=error):
+        correction_from_annotation("1", ann, task, TARGETS, 2)
+
+
+def test_store_compares_timestamps_only_as_strings(tmp_path: Path) -> None:
+    store = CorrectionStore(tmp_path / "c.sqlite3")
+    assert store.put(_correction())
+    odd = dataclasses.replace(_correction(level=10), updated_at=5)  # type: ignore[arg-type]
+    assert store.put(odd)  # not comparable: not taken as older; no TypeError

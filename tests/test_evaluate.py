@@ -1,4 +1,4 @@
-"""`abn evaluate` and model.paper.evaluate/model.paper.report: schema, report contents, bad input, atomicity.
+"""`abn evaluate` (model.paper.evaluate, model.paper.report): schema, report, bad input, atomicity.
 
 Everything runs on a 6-image synthetic dataset at 32 px (3 classes, 2 test images each) with
 untrained checkpoints, so a full evaluation takes a second or two on a shared CPU.

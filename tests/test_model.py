@@ -19,9 +19,9 @@ from model.data import (
     find_classes,
     list_samples,
 )
-from model.paper.decoy_digits import build_decoy_digits
 from model.losses import map_loss
 from model.maps import bubbles_to_map, mask_to_map
+from model.paper.decoy_digits import build_decoy_digits
 from model.pretrained import PretrainedWeightsError
 from model.train import TrainConfig, finetune, train
 

@@ -47,6 +47,13 @@ def test_quantise_clamps_and_checks_levels() -> None:
         quantise(np.zeros(3), 1)
 
 
+@pytest.mark.parametrize(("width", "height"), [(33, 700), (7, 7), (1, 513), (600, 1)])
+def test_the_alpha_is_computed_in_bands_exactly_as_the_whole_map(width: int, height: int) -> None:
+    attention = np.random.default_rng(3).random((7, 7), dtype=np.float32)
+    whole = quantise(upsample(attention, width, height), 8)
+    assert np.array_equal(attention_alpha(attention, width, height, 8), whole)
+
+
 def test_upsample_is_bilinear_with_half_pixel_centres() -> None:
     small = np.random.default_rng(0).random((4, 4)).astype(np.float32)
     for height, width in ((23, 37), (64, 64), (1, 5), (4, 4), (300, 7)):
@@ -165,7 +172,7 @@ def test_plain_checkpoint_version_is_stable_and_content_derived(tiny_checkpoint,
     v = checkpoint_version(tiny_checkpoint, meta)
     assert v.startswith("abn-resnet18-") and len(v) == len("abn-resnet18-") + 8
     assert checkpoint_version(tiny_checkpoint, meta) == v
-    assert checkpoint_version(tiny_checkpoint, {**meta, "version": "v7"}) == "v7"
+    assert checkpoint_version(tiny_checkpoint, meta.updated(version="v7")) == "v7"
     other = tmp_path / "other.pt"
     other.write_bytes(tiny_checkpoint.read_bytes() + b"x")
     assert checkpoint_version(other, meta) != v

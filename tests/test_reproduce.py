@@ -1,4 +1,4 @@
-"""`abn reproduce` and model.paper.reproduce: sample selection, the fine-tuning set, the whole protocol.
+"""`abn reproduce` (model.paper.reproduce): sample selection, the fine-tuning set, the protocol.
 
 Tiny on purpose: 32 px random images, 3 classes, one epoch; what is checked is the protocol's
 wiring (which samples get maps, what is written), not what the networks learn.
@@ -21,8 +21,8 @@ from model.cli import main
 from model.data import DatasetError, Sample, list_samples
 from model.paper.decoy_check import breakdown_lines, conflicting
 from model.paper.decoy_digits import CANVAS, COLOURS, PATCH
-from model.paper.sweep import carve_validation, render
 from model.paper.reproduce import fill_defaults, finetune_dataset, select_samples
+from model.paper.sweep import carve_validation, render
 
 CLASSES = ["ant", "bee", "cat"]
 SIZE = 32
@@ -58,7 +58,9 @@ def test_misclassified_lowest_confidence_first_within_budget(
 ) -> None:
     probs = [0.9, 0.2, 0.5, 0.1, 0.8, 0.3, 0.7, 0.6, 0.4]
     correct = [True, False, False, True, False, True, True, False, True]
-    monkeypatch.setattr("model.paper.reproduce.true_class_confidence", fake_confidence(probs, correct))
+    monkeypatch.setattr(
+        "model.paper.reproduce.true_class_confidence", fake_confidence(probs, correct)
+    )
     chosen = select_samples(*abn, data, "misclassified", budget=3)
     names = [f"{s.image.parent.name}/{s.image.stem}" for s in chosen.samples]
     # misclassified: 1 (0.2), 2 (0.5), 4 (0.8), 7 (0.6); lowest first, 3 of them
@@ -75,7 +77,9 @@ def test_no_misclassified_falls_back_to_confidence(
     data: Path, abn: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     probs = [0.9, 0.95, 0.5, 0.99, 0.8, 0.85, 0.7, 0.6, 0.75]
-    monkeypatch.setattr("model.paper.reproduce.true_class_confidence", fake_confidence(probs, [True] * 9))
+    monkeypatch.setattr(
+        "model.paper.reproduce.true_class_confidence", fake_confidence(probs, [True] * 9)
+    )
     chosen = select_samples(*abn, data, "misclassified", budget=2)
     assert chosen.rule.startswith("confidence")
     assert [f"{s.image.parent.name}/{s.image.stem}" for s in chosen.samples] == ["ant/2", "cat/1"]

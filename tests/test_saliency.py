@@ -1,4 +1,4 @@
-"""Tests of model.paper.saliency: CAM and Grad-CAM against hand computations, and no leftover hooks."""
+"""model.paper.saliency: CAM and Grad-CAM against hand computations, and no leftover hooks."""
 
 from __future__ import annotations
 

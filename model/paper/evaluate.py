@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from model.abn import ABN
-from model.checkpoint import load_checkpoint
+from model.checkpoint import CheckpointMeta, load_checkpoint
 from model.data import AttentionDataset, DatasetError, Sample, list_samples, unreadable_files
 from model.metrics import CurveResult, DeletionInsertion, map_mse, topk_accuracy
 from model.paper.saliency import cam_maps, gradcam_maps
@@ -64,7 +64,7 @@ class Candidate:
 
     role: str
     model: nn.Module
-    meta: dict[str, Any]
+    meta: CheckpointMeta
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -77,7 +77,7 @@ class Candidate:
             )
 
 
-def role_of(meta: dict[str, Any]) -> str:
+def role_of(meta: CheckpointMeta) -> str:
     """The role a checkpoint's record implies: plain ResNet, ABN as trained, or fine-tuned ABN.
 
     Fine-tuning (model.train.finetune) records its gamma and the parent's settings; a trained
@@ -443,7 +443,7 @@ def run_evaluation(
     methods: dict[str, MethodResult] = {}
     datasets: dict[tuple, AttentionDataset] = {}
     for candidate in candidates:
-        key = (tuple(candidate.meta["mean"]), tuple(candidate.meta["std"]))
+        key = (tuple(candidate.meta.mean), tuple(candidate.meta.std))
         if key not in datasets:
             ds = AttentionDataset(data_dir, "test", classes, image_size, *map(list, key))
             ds.samples = samples

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.abn import ABN
-from model.checkpoint import save_checkpoint
+from model.checkpoint import CheckpointMeta, save_checkpoint
 from model.data import AttentionDataset, DatasetError, Sample
 from model.paper import decoy_check
 from model.paper.evaluate import Candidate, Evaluation, paired_top1, resolve_device, run_evaluation
@@ -127,7 +127,7 @@ def true_class_confidence(
 
 def select_samples(
     model: ABN,
-    meta: dict[str, Any],
+    meta: CheckpointMeta,
     data_dir: str | Path,
     selection: str,
     budget: int | None,
@@ -140,7 +140,7 @@ def select_samples(
     none (the ABN fits its training split), the rule falls back to lowest confidence, and says so.
     """
     dataset = AttentionDataset(
-        data_dir, "train", meta["classes"], meta["image_size"], meta["mean"], meta["std"]
+        data_dir, "train", meta.classes, meta.image_size, meta.mean, meta.std
     )
     samples = dataset.samples
     with_maps = np.array([s.map is not None for s in samples])
@@ -180,11 +180,11 @@ def select_samples(
 
 
 def finetune_dataset(
-    data_dir: str | Path, meta: dict[str, Any], selected: list[Sample]
+    data_dir: str | Path, meta: CheckpointMeta, selected: list[Sample]
 ) -> AttentionDataset:
     """The whole training split, with human maps on the selected samples only."""
     dataset = AttentionDataset(
-        data_dir, "train", meta["classes"], meta["image_size"], meta["mean"], meta["std"]
+        data_dir, "train", meta.classes, meta.image_size, meta.mean, meta.std
     )
     keep = {s.image for s in selected}
     dataset.samples = [
@@ -256,7 +256,7 @@ def reproduce(
     external = Path(checkpoint_dir) if checkpoint_dir is not None else None
     models: dict[str, tuple[torch.nn.Module, dict[str, Any]]] = {}
 
-    def keep(role: str, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    def keep(role: str, model: torch.nn.Module, meta: CheckpointMeta) -> None:
         models[role] = (model, meta)
         if external is not None:
             save_checkpoint(external / f"{role}.pt", model, meta)

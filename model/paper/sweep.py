@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.checkpoint import load_checkpoint, save_checkpoint
+from model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from model.data import AttentionDataset, find_classes, list_samples
 from model.paper.decoy_check import conflicting
 from model.paper.evaluate import Candidate, Evaluation, run_evaluation
@@ -67,11 +67,11 @@ def decoy_conflicts(data_dir: Path, split: str, classes: list[str]) -> list[bool
 
 
 @torch.no_grad()
-def conflict_accuracy(model: torch.nn.Module, meta: dict, data: Path, flags: list[bool]) -> float:
+def conflict_accuracy(
+    model: torch.nn.Module, meta: CheckpointMeta, data: Path, flags: list[bool]
+) -> float:
     """Top-1 on the validation images flagged by :func:`decoy_conflicts`."""
-    dataset = AttentionDataset(
-        data, "test", meta["classes"], meta["image_size"], meta["mean"], meta["std"]
-    )
+    dataset = AttentionDataset(data, "test", meta.classes, meta.image_size, meta.mean, meta.std)
     chosen = [i for i, f in enumerate(flags) if f]
     dataset.samples = [dataset.samples[i] for i in chosen]
     correct = 0
