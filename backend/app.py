@@ -284,7 +284,7 @@ def create_app(
 def model_to_serve(settings: Settings) -> Path:
     """The registry's current version if MODEL_DIR has published one, else the checkpoint.
 
-    As ``design.md`` has it: ``--checkpoint`` is the model served while MODEL_DIR holds no
+    ``--checkpoint`` (``ABN_CHECKPOINT``) is the model served while MODEL_DIR holds no
     published version. (Following later publications while running is the hot-swap's job:
     :meth:`ServedModel.swap`.)
     """

@@ -46,7 +46,7 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
 
 
 def add_training_options(parser: argparse.ArgumentParser, epochs: int) -> None:
-    """The options every training command shares (design.md)."""
+    """The options every training command shares (README, Commands)."""
     add_device_options(parser)
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--image-size", type=int, default=224)

@@ -3,10 +3,11 @@
 For each model: top-1/top-5 accuracy; RISE deletion and insertion scored with the method's own
 map; the mean squared error between that map and the human map where the dataset has one. A plain
 ResNet yields three methods ("resnet" for accuracy, "cam" and "gradcam" for its maps); an ABN
-yields "abn", and an ABN fine-tuned with human maps yields "proposed" (design.md's names).
+yields "abn", and an ABN fine-tuned with human maps yields "proposed" (the method names of
+``metrics.json``, docs/results/README.md).
 
 `run_evaluation` keeps the mean curves and example maps the report draws; `evaluate_checkpoints`
-returns only the ``metrics.json`` dictionary, for the backend's gate and for notebooks.
+returns only the ``metrics.json`` dictionary, for notebooks and scripts.
 Methods that were not run, and map metrics without human maps, are absent, never zero.
 """
 
@@ -135,7 +136,7 @@ class MethodResult:
 
 @dataclass
 class Evaluation:
-    """Everything `model.paper.report` renders; `metrics` is the ``metrics.json`` of design.md."""
+    """Everything `model.paper.report` renders; `metrics` is the ``metrics.json`` of docs/results/README.md."""
 
     dataset: str
     arch: str
