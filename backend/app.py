@@ -17,9 +17,12 @@ Studio sends webhooks without it, so on /setup the backend adds the ``Authorizat
 the project webhook Label Studio created for it (``PATCH /api/webhooks/{id}``), using the
 project's token; ``label_config/README.md`` gives the manual step for when that cannot work.
 
-Bad input never becomes a 500: malformed JSON, missing fields and wrong types are 400s with a
-JSON message, which is also put in the HTTP reason phrase, because that is the only part of an
-error reply Label Studio shows its user.
+Bad input never becomes a 500: every body is checked against its model in ``backend/schemas.py``
+before a handler reads it, so malformed JSON, missing fields, wrong types and out-of-range ids
+are 400s whose JSON message names the field, and requests over a limit (``ABN_MAX_REQUEST_BYTES``,
+``ABN_MAX_TASKS_PER_REQUEST``, ``ABN_BRUSH_MAX_PIXELS``) are 413s that name the setting. The
+message is also put in the HTTP reason phrase, because that is the only part of an error reply
+Label Studio shows its user. Replies show paths relative to MODEL_DIR (or file names only).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ import requests
 from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from backend.images import ImageFetchError, ImageLoader, LabelStudioConnection, LoadedImage
+from backend.images import ImageFetchError, ImageLoader, LoadedImage
 from backend.label_config import LabelConfigError, check_config, default_targets
+from backend.label_studio import LabelStudioConnection
 from backend.loop import TrainingLoop
 from backend.metrics import Metrics
 from backend.predictions import empty_prediction, to_label_studio

@@ -58,17 +58,25 @@ class Correction:
     updated_at: str | None = None
 
 
+MAX_BRUSHES_FACTOR = 8
+"""An annotation's attention brushes may hold this many times ABN_BRUSH_MAX_PIXELS in all: a
+few strokes at the largest image size (each stroke made without selecting the predicted region
+is a result of its own), many on usual images, and a bounded time to decode (~0.1 s a brush at
+the limit). Without it, a body of a thousand small uniform streams declaring the largest size
+would take minutes."""
+
+
 def brush_alpha(
     results: list[dict[str, Any]], targets: Targets, max_pixels: int | None = None
 ) -> tuple[np.ndarray, bool] | None:
     """All attention brushes of an annotation merged by maximum, and whether any was edited.
 
     None when the annotation has no attention brush (the annotator erased it all is not that:
-    an emptied brush still arrives as a result). A brush whose declared size is over
-    `max_pixels` raises :class:`BrushTooLarge` before it is decoded.
+    an emptied brush still arrives as a result). Sizes are checked before anything is decoded:
+    a brush over `max_pixels`, or brushes over ``MAX_BRUSHES_FACTOR * max_pixels`` in all,
+    raise :class:`BrushTooLarge`; brushes of different sizes a :class:`CorrectionError`.
     """
-    merged: np.ndarray | None = None
-    edited = False
+    brushes = []
     for index, result in enumerate(results):
         if not isinstance(result, dict):
             raise CorrectionError(f"result {index} must be an object")
@@ -88,17 +96,27 @@ def brush_alpha(
                 f"{where} is {width}x{height} ({width * height} pixels), more than "
                 f"ABN_BRUSH_MAX_PIXELS={max_pixels}"
             )
+        if brushes and (width, height) != brushes[0][2:4]:
+            raise CorrectionError(
+                f"brush result {index} is {width}x{height}, another brush of the same image is "
+                f"{brushes[0][2]}x{brushes[0][3]}"
+            )
+        brushes.append((where, value, width, height, result.get("origin", "manual")))
+    total = sum(width * height for _, _, width, height, _ in brushes)
+    if max_pixels is not None and total > MAX_BRUSHES_FACTOR * max_pixels:
+        raise BrushTooLarge(
+            f"the annotation's {len(brushes)} attention brushes hold {total} pixels in all, "
+            f"more than {MAX_BRUSHES_FACTOR} x ABN_BRUSH_MAX_PIXELS={max_pixels}"
+        )
+    merged: np.ndarray | None = None
+    edited = False
+    for where, value, width, height, origin in brushes:
         try:
             alpha = decode_rle(value.get("rle"), height, width)
         except BrushDecodeError as exc:
             raise CorrectionError(f"{where}: {exc}") from exc
-        if merged is not None and merged.shape != alpha.shape:
-            raise CorrectionError(
-                f"brush result {index} is {width}x{height}, another brush of the same image is "
-                f"{merged.shape[1]}x{merged.shape[0]}"
-            )
         merged = alpha if merged is None else np.maximum(merged, alpha, out=merged)
-        edited |= result.get("origin", "manual") in EDITED_ORIGINS
+        edited |= origin in EDITED_ORIGINS
     return None if merged is None else (merged, edited)
 
 

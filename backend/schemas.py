@@ -212,14 +212,6 @@ def check(model: type[Body], body: Any) -> None:
         raise BodyError(message) from None
 
 
-def check_webhook(body: Any) -> None:
-    """The webhook body: its action, then the fields that action needs."""
-    check(WebhookBody, body)
-    model = WEBHOOK_EVENTS.get(body["action"])
-    if model is not None:
-        check(model, body)
-
-
 def describe_error(model: type[Body], error: Any) -> str:
     loc = tuple(error["loc"])
     path = format_path(loc)

@@ -72,7 +72,8 @@ class Settings:
     # ~35 s on two CPU cores at 224 px. Select fewer, or raise it on a GPU.
     max_tasks_per_request: int = 1000
     # ABN_BRUSH_MAX_PIXELS: largest brush (original_width * original_height) a webhook may
-    # carry, checked before decoding. A brush covers its image, so this equals the default
+    # carry, checked before decoding (an annotation's brushes together: 8 times this, so that
+    # decoding them stays under a second). A brush covers its image, so this equals the default
     # ABN_IMAGE_MAX_PIXELS: every image that gets a prediction can get a correction. Decoding
     # costs about one byte per pixel (64 MB at the limit).
     brush_max_pixels: int = 64_000_000

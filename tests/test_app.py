@@ -27,8 +27,8 @@ from werkzeug.serving import make_server
 
 from backend.app import WebhookAuthorizer, create_app
 from backend.brush import decode_rle, encode_rle
-from backend.images import LabelStudioConnection
 from backend.label_config import label_config_for
+from backend.label_studio import LabelStudioConnection
 from backend.predictions import attention_alpha
 from backend.serving import ServedModel
 from backend.settings import Settings

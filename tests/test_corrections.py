@@ -234,3 +234,20 @@ def test_store_compares_timestamps_only_as_strings(tmp_path: Path) -> None:
     assert store.put(_correction())
     odd = dataclasses.replace(_correction(level=10), updated_at=5)  # type: ignore[arg-type]
     assert store.put(odd)  # not comparable: not taken as older; no TypeError
+
+
+def test_many_brushes_at_the_limit_are_refused_before_decoding(monkeypatch) -> None:
+    """A thousand tiny uniform streams declaring the largest size would take minutes."""
+    import backend.corrections as corrections
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded")
+
+    one = brush(np.zeros((8, 8), dtype=np.uint8))
+    many = [dict(one, id=f"r{i}") for i in range(corrections.MAX_BRUSHES_FACTOR + 1)]
+    monkeypatch.setattr(corrections, "decode_rle", no_decoding)
+    with pytest.raises(BrushTooLarge, match=r"9 attention brushes hold 576 pixels in all"):
+        correction_from_annotation("1", annotation(many), TASK, TARGETS, 2, max_pixels=64)
+    other = brush(np.zeros((4, 4), dtype=np.uint8), rid="x")
+    with pytest.raises(CorrectionError, match="another brush of the same image"):
+        correction_from_annotation("1", annotation([one, other]), TASK, TARGETS, 2)

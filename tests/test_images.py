@@ -22,14 +22,9 @@ from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
 from PIL import Image
 
 from backend.app import create_app
-from backend.images import (
-    HostRefused,
-    ImageFetchError,
-    ImageLoader,
-    ProjectConnections,
-    is_file_path,
-)
+from backend.images import ImageFetchError, ImageLoader
 from backend.label_config import label_config_for
+from backend.label_studio import HostRefused, ProjectConnections, is_file_path
 from backend.serving import ServedModel
 from backend.settings import Settings
 from model.data import image_transform
@@ -651,8 +646,8 @@ def test_a_large_image_keeps_a_bounded_copy_and_its_original_size(
     tmp_path: Path, data: bytes, size: tuple[int, int]
 ) -> None:
     loader = ImageLoader(Settings(model_dir=tmp_path))
-    loader.working_pixels = 10_000
-    loaded = loader.decode(data)
+    loader.decoder.working_pixels = 10_000
+    loaded = loader.decoder.decode(data)
     assert (loaded.width, loaded.height) == size
     assert loaded.image.width * loaded.image.height <= 10_000
     assert loaded.image.mode == "RGB"
@@ -682,8 +677,8 @@ def rgba_png() -> bytes:
 def test_the_model_size_copy_predicts_as_the_full_image(tmp_path: Path, data: bytes) -> None:
     transform = image_transform(64, [0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
     loader = ImageLoader(Settings(model_dir=tmp_path))
-    full = loader.decode(data)
-    small = loader.decode(data, size=64)
+    full = loader.decoder.decode(data)
+    small = loader.decoder.decode(data, size=64)
     assert small.image.size == (64, 64)
     assert (small.width, small.height) == (full.width, full.height)
     assert torch.equal(transform(small.image.convert("RGB")), transform(full.image.convert("RGB")))
@@ -691,21 +686,24 @@ def test_the_model_size_copy_predicts_as_the_full_image(tmp_path: Path, data: by
 
 def test_decoding_waits_for_the_pixel_budget(tmp_path: Path) -> None:
     loader = ImageLoader(Settings(model_dir=tmp_path, image_decode_pixels=5_001, image_timeout=0.3))
-    with loader._budget.hold(5_001, 1.0, "another request"), pytest.raises(ImageFetchError) as err:
-        loader.decode(png_bytes(40, 30))
+    with (
+        loader.decoder.budget.hold(5_001, 1.0, "another request"),
+        pytest.raises(ImageFetchError) as err,
+    ):
+        loader.decoder.decode(png_bytes(40, 30))
     assert err.value.reason == "busy" and "ABN_IMAGE_DECODE_PIXELS" in str(err.value)
-    assert loader.decode(png_bytes(40, 30)).width == 40
+    assert loader.decoder.decode(png_bytes(40, 30)).width == 40
 
 
 def test_concurrent_decodes_stay_within_the_pixel_budget(tmp_path: Path) -> None:
     loader = ImageLoader(Settings(model_dir=tmp_path, image_decode_pixels=2_500))
     data = png_bytes(40, 30)  # 1200 pixels: two at a time
     with ThreadPoolExecutor(8) as pool:
-        sizes = list(pool.map(lambda _: loader.decode(data).width, range(32)))
+        sizes = list(pool.map(lambda _: loader.decoder.decode(data).width, range(32)))
     assert sizes == [40] * 32
-    assert 0 < loader._budget.peak <= 2_500 and loader._budget.in_use == 0
+    assert 0 < loader.decoder.budget.peak <= 2_500 and loader.decoder.budget.in_use == 0
     # An image over the whole budget (but under ABN_IMAGE_MAX_PIXELS) is decoded alone.
-    assert loader.decode(png_bytes(100, 100)).width == 100
+    assert loader.decoder.decode(png_bytes(100, 100)).width == 100
 
 
 def test_new_limits_are_read_from_the_environment() -> None:
