@@ -136,7 +136,7 @@ class MethodResult:
 
 @dataclass
 class Evaluation:
-    """Everything `model.paper.report` renders; `metrics` is the ``metrics.json`` of docs/results/README.md."""
+    """Everything `model.paper.report` renders; `metrics` is ``metrics.json`` (docs/results)."""
 
     dataset: str
     arch: str
