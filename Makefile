@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 9090
 
-.PHONY: run test lint bench e2e clean
+.PHONY: run test unit lint bench e2e clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed $(LS_VENV)/.installed lint
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q
 
+# Everything but the real-server, real-training and Label Studio tests: a few minutes.
+unit: $(VENV)/.installed
+	$(BIN)/pytest -q -m "not slow and not e2e"
+
 e2e: $(VENV)/.installed $(LS_VENV)/.installed
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q -m e2e
 
@@ -41,6 +45,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/predict.py
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/loop.py
+	$(BIN)/python bench/limits.py
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache

@@ -141,7 +141,7 @@ def print_connection_help(host: str, port: int, version: str, settings: Settings
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from backend.app import serve
+    from backend.server import serve
 
     settings = serving_settings(args)
     serve(args.host, args.port, checkpoint=args.checkpoint, workers=args.workers, settings=settings)

@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from rq import Queue
 from rq.job import Job, JobStatus
 
-from backend.corrections import CorrectionStore
+from backend.store import LoopStore
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ HEARTBEAT_TTL = 10
 class TrainingQueue:
     """RQ behind a small interface: request, flush, release, describe."""
 
-    def __init__(self, redis: Redis, store: CorrectionStore) -> None:
+    def __init__(self, redis: Redis, store: LoopStore) -> None:
         self.redis = redis
         self.store = store
         self.queue = Queue(QUEUE_NAME, connection=redis)

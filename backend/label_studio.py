@@ -29,9 +29,12 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
+
+import requests
 
 from model.checkpoint import atomic_write
 
@@ -290,3 +293,82 @@ def _looks_like_jwt(token: str) -> bool:
 def short_url(url: str, limit: int = 200) -> str:
     """A URL cut to `limit` characters for messages (task data can hold very long data URLs)."""
     return url if len(url) <= limit else url[: limit - 3] + "..."
+
+
+class WebhookAuthorizer:
+    """Adds the backend's basic-auth header to the project webhook Label Studio made for it.
+
+    Label Studio creates the webhook ``<backend url>/webhook`` only after the connection's
+    first /setup succeeds, and sends it without auth; so this polls for it in a background
+    thread (the /setup reply must not wait) and patches its headers once.
+    """
+
+    def __init__(self, header: str, attempts: int = 20, delay: float = 1.5) -> None:
+        self.header = header
+        self.attempts = attempts
+        self.delay = delay
+        self._seen: set[tuple[str, str, str]] = set()
+        self._lock = threading.Lock()
+
+    def ensure(self, conn: LabelStudioConnection, project_id: str, webhook_url: str) -> None:
+        """Start the background fix for this project and URL, once per process."""
+        key = (conn.url, project_id, webhook_url)
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen.add(key)
+        threading.Thread(
+            target=self._run, args=(conn, project_id, webhook_url, key), daemon=True
+        ).start()
+
+    def _run(
+        self, conn: LabelStudioConnection, project_id: str, url: str, key: tuple[str, str, str]
+    ) -> None:
+        try:
+            for _ in range(self.attempts):
+                if self.authorize(conn, project_id, url):
+                    return
+                time.sleep(self.delay)
+            log.warning(
+                "no webhook %s found in project %s: add the header Authorization: Basic ... "
+                "to it by hand (label_config/README.md)",
+                url,
+                project_id,
+            )
+        except Exception as exc:
+            log.warning("cannot add auth to the webhook of project %s: %s", project_id, exc)
+        with self._lock:  # let a later /setup try again
+            self._seen.discard(key)
+
+    def authorize(self, conn: LabelStudioConnection, project_id: str, url: str) -> bool:
+        """Patch the webhook whose URL is `url`; True when it is done (or already was)."""
+        headers = {**conn.auth_header(), "Content-Type": "application/json"}
+        listing = requests.get(
+            f"{conn.url}/api/webhooks/", params={"project": project_id}, headers=headers, timeout=5
+        )
+        listing.raise_for_status()
+        hooks = listing.json()
+        if isinstance(hooks, dict):
+            hooks = hooks.get("results", [])
+        want = url.rstrip("/")
+        done = False
+        for hook in hooks:
+            if not isinstance(hook, dict) or str(hook.get("url", "")).rstrip("/") != want:
+                continue
+            current = hook.get("headers") or {}
+            if current.get("Authorization") != self.header:
+                patched = requests.patch(
+                    f"{conn.url}/api/webhooks/{hook['id']}/",
+                    headers=headers,
+                    data=json.dumps({"headers": {**current, "Authorization": self.header}}),
+                    timeout=5,
+                )
+                patched.raise_for_status()
+                log.info("added basic auth to webhook %s of project %s", want, project_id)
+            done = True
+        return done
+
+
+def basic_header(user: str, password: str) -> str:
+    """The ``Authorization`` value of HTTP basic auth."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

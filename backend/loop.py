@@ -1,9 +1,10 @@
 """The serving side of the human-in-the-loop: webhooks in, new versions followed.
 
-One :class:`TrainingLoop` per serving process. It owns the corrections store and the training
-queue behind ``/webhook``, and a maintenance thread that keeps the served model on the
-registry's current version (hot-swap) and hands training requests that waited for Redis to the
-queue once Redis answers again.
+One :class:`ServingLoop` per serving process: what that process runs of the human-in-the-loop.
+It owns the loop's store and the training queue behind ``/webhook``, and a maintenance thread
+that keeps the served model on the registry's current version (hot-swap) and hands waiting
+training requests to the queue (once Redis answers again, or once a dead job is gone). It never
+trains: the worker does (``backend/training.py``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from backend.corrections import CorrectionStore
 from backend.hotswap import RegistryWatcher
 from backend.jobs import TrainingQueue
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.serving import ServedModel
 from backend.settings import Settings
+from backend.store import LoopStore
 from backend.webhooks import WebhookHandler
 
 log = logging.getLogger(__name__)
@@ -29,12 +30,12 @@ log = logging.getLogger(__name__)
 FLUSH_EVERY = 2.0  # seconds between retries of training requests that wait for Redis
 
 
-class TrainingLoop:
+class ServingLoop:
     """Store, queue, webhook handler and hot-swap of one serving process."""
 
     def __init__(self, settings: Settings, served: ServedModel) -> None:
         self.settings = settings
-        self.store = CorrectionStore(settings.layout.corrections_db)
+        self.store = LoopStore(settings.layout.corrections_db)
         self.registry = ModelRegistry(settings.model_dir)
         self.queue = (
             TrainingQueue(connect(settings.redis_url), self.store) if settings.redis_url else None
@@ -44,7 +45,7 @@ class TrainingLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="abn-loop", daemon=True)
 
-    def start(self) -> TrainingLoop:
+    def start(self) -> ServingLoop:
         self._thread.start()
         return self
 

@@ -15,14 +15,25 @@ an OpenMP thread team per request thread, whose spinning slows the model's own p
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from backend.brush import encode_rle
+from backend.images import ImageFetchError, ImageLoader, LoadedImage
 from backend.label_config import Targets
-from backend.serving import Prediction
+from backend.prometheus import Metrics
+from backend.request_io import json_type
+from backend.serving import Prediction, ServedModel, Snapshot
+
+log = logging.getLogger(__name__)
+
+FETCH_THREADS = 8  # images of one batch downloaded at once
 
 
 def upsample(attention: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -172,3 +183,115 @@ def empty_prediction(version: str) -> dict[str, Any]:
 
 def _region_id() -> str:
     return uuid.uuid4().hex[:10]
+
+
+class TaskPredictor:
+    """Tasks in, Label Studio results out: a batch's images fetched in parallel, one forward
+    pass, then each map encoded as a brush. Memory stays bounded however many tasks come."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        loader: ImageLoader,
+        metrics: Metrics,
+        batch_size: int,
+        brush_levels: int,
+        fetch_threads: int = FETCH_THREADS,
+    ) -> None:
+        self.served = served
+        self.loader = loader
+        self.metrics = metrics
+        self.batch_size = max(1, batch_size)
+        self.brush_levels = brush_levels
+        self._fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="abn-fetch")
+
+    def predict(
+        self,
+        tasks: list[dict[str, Any]],
+        targets: Targets,
+        snap: Snapshot,
+        project: object = None,
+    ) -> list[dict[str, Any]]:
+        """One Label Studio prediction per task, in order, all from snapshot `snap`.
+
+        Tasks without an image get an empty entry; they are logged once per request, counted
+        by reason, with the first of each reason.
+        """
+        metrics = self.metrics
+        results: list[dict[str, Any]] = [empty_prediction(snap.version) for _ in tasks]
+        failed: Counter[str] = Counter()
+        first_failure: dict[str, str] = {}
+        batch = self.batch_size
+        size = snap.meta.image_size
+        data_key = targets.data_key
+        for start in range(0, len(tasks), batch):
+            chunk = list(enumerate(tasks[start : start + batch], start))
+            started = time.perf_counter()
+            if len(chunk) == 1:
+                loaded = [self._load_task_image(chunk[0][1], targets.data_key, project, size)]
+            else:
+                loaded = list(
+                    self._fetch_pool.map(
+                        lambda item: self._load_task_image(item[1], data_key, project, size), chunk
+                    )
+                )
+            ready: list[tuple[int, LoadedImage]] = []
+            for (index, task), outcome in zip(chunk, loaded, strict=True):
+                if isinstance(outcome, ImageFetchError):
+                    metrics.count_error(outcome.reason)
+                    failed[outcome.reason] += 1
+                    if outcome.reason not in first_failure:
+                        where = task.get("id", f"#{index}")
+                        first_failure[outcome.reason] = f"task {where}: {outcome}"[:300]
+                        bug = getattr(outcome, "bug", None)
+                        if bug is not None:  # a loader bug: its traceback, once a request
+                            log.error("%s", first_failure[outcome.reason], exc_info=bug)
+                else:
+                    ready.append((index, outcome))
+            fetched = time.perf_counter()
+            metrics.stage_latency.labels("fetch").observe(fetched - started)
+            if not ready:
+                continue
+            predictions = self.served.predict([img.image for _, img in ready], snapshot=snap)
+            predicted = time.perf_counter()
+            metrics.stage_latency.labels("model").observe(predicted - fetched)
+            metrics.batch_latency.observe(predicted - fetched)
+            metrics.batch_size.observe(len(ready))
+            for (index, img), prediction in zip(ready, predictions, strict=True):
+                results[index] = to_label_studio(
+                    prediction, img.width, img.height, targets, self.brush_levels
+                )
+            metrics.stage_latency.labels("encode").observe(time.perf_counter() - predicted)
+            metrics.predictions.labels(snap.version).inc(len(ready))
+        if failed:
+            log.warning(
+                "/predict: %d of %d tasks got no prediction (%s); first of each: %s",
+                sum(failed.values()),
+                len(tasks),
+                ", ".join(f"{reason} {count}" for reason, count in failed.most_common()),
+                "; ".join(first_failure[reason] for reason, _ in failed.most_common()),
+            )
+        return results
+
+    def _load_task_image(
+        self, task: dict[str, Any], key: str, project: object, size: int
+    ) -> LoadedImage | ImageFetchError:
+        """The task's image, or the error that says why there is none (never raises).
+
+        Only a copy at about the model's input `size` is kept, with the original width and height.
+        """
+        url = task["data"].get(key)
+        if url is None:
+            return ImageFetchError(f"task data has no {key!r} field", "missing")
+        if not isinstance(url, str):
+            return ImageFetchError(
+                f"task data {key!r} must be a URL string, got {json_type(url)}", "missing"
+            )
+        try:
+            return self.loader.load(url, project, task.get("id"), size=size)
+        except ImageFetchError as exc:
+            return exc
+        except Exception as exc:  # a loader bug must not sink the other tasks of the batch
+            error = ImageFetchError(f"unexpected error: {type(exc).__name__}: {exc}", "internal")
+            error.bug = exc  # type: ignore[attr-defined]  # predict() logs the first traceback
+            return error

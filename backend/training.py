@@ -21,12 +21,13 @@ import torch
 from redis.exceptions import RedisError
 from rq import get_current_job
 
-from backend.corrections import Correction, CorrectionStore
+from backend.corrections import Correction
 from backend.images import ImageFetchError, ImageLoader
 from backend.jobs import HEARTBEAT_TTL, TrainingQueue
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
+from backend.store import LoopStore
 from model.checkpoint import CheckpointMeta, atomic_write, load_checkpoint
 from model.maps import map_size_for
 from model.round import Examples, GateMargins, run_round
@@ -70,7 +71,7 @@ def labels_for(corrections: list[Correction], classes: list[str]) -> torch.Tenso
 def train_project(project: str, settings: Settings, reason: str = "") -> dict[str, Any]:
     """Run one round for `project`; returns the record written to MODEL_DIR/jobs."""
     registry = ModelRegistry(settings.model_dir)
-    store = CorrectionStore(settings.layout.corrections_db)
+    store = LoopStore(settings.layout.corrections_db)
     device = str(TrainConfig(device=settings.train_device).torch_device())
     current = registry.current()
     if current is None:
@@ -153,7 +154,7 @@ def write_last_result(settings: Settings, project: str, record: dict[str, Any]) 
 def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
     """The RQ entry point. Whatever happens, the project is freed and the outcome recorded."""
     settings = Settings.from_env()
-    store = CorrectionStore(settings.layout.corrections_db)
+    store = LoopStore(settings.layout.corrections_db)
     queue = TrainingQueue(connect(settings.redis_url), store)
     beating = threading.Event()
 

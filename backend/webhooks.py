@@ -12,11 +12,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from backend.corrections import CorrectionError, CorrectionStore, correction_from_annotation
+from backend.corrections import CorrectionError, correction_from_annotation
 from backend.jobs import TrainingQueue
 from backend.label_config import LabelConfigError, default_targets, targets_for
 from backend.schemas import MAX_ID
 from backend.serving import ServedModel
+from backend.store import LoopStore
 from model.maps import map_size_for
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class WebhookError(ValueError):
 
 @dataclass
 class WebhookHandler:
-    store: CorrectionStore
+    store: LoopStore
     queue: TrainingQueue | None  # None: no Redis configured; requests wait in the store
     served: ServedModel  # targets take the served model's classes and map size
     train_after: int

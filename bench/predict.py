@@ -143,7 +143,7 @@ def backend(kind: str, settings: Settings, served: ServedModel) -> Iterator[str]
         "ABN_IMAGE_CACHE": "0",
     }
     ckpt = str(settings.checkpoint)
-    code = f"from backend.app import serve; serve('127.0.0.1', {port}, {ckpt!r}, 1)"
+    code = f"from backend.server import serve; serve('127.0.0.1', {port}, {ckpt!r}, 1)"
     log_path = Path(settings.model_dir) / "gunicorn.log"
     log_file = log_path.open("wb")
     proc = subprocess.Popen(

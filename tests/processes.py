@@ -20,10 +20,10 @@ from typing import Any
 import psutil
 import requests
 
-from backend.corrections import CorrectionStore
 from backend.layout import ModelDirLayout
 from backend.redis_connection import EmbeddedRedis
 from backend.registry import ModelRegistry
+from backend.store import LoopStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,8 +101,8 @@ class Loop:
     def registry(self) -> ModelRegistry:
         return ModelRegistry(self.model_dir)
 
-    def store(self) -> CorrectionStore:
-        return CorrectionStore(ModelDirLayout(self.model_dir).corrections_db)
+    def store(self) -> LoopStore:
+        return LoopStore(ModelDirLayout(self.model_dir).corrections_db)
 
 
 @contextmanager

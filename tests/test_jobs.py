@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.corrections import CorrectionStore
 from backend.jobs import TrainingQueue, again_key, alive_key, job_key
 from backend.redis_connection import EmbeddedRedis, connect
+from backend.store import LoopStore
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 def test_training_requests_fold_into_one_job(redis_url: str, tmp_path: Path) -> None:
-    store = CorrectionStore(tmp_path / "c.sqlite3")
+    store = LoopStore(tmp_path / "c.sqlite3")
     queue = TrainingQueue(connect(redis_url), store)
     assert queue.request("1", "START_TRAINING") == "queued"
     assert queue.request("1", "10 new corrections") == "folded"
@@ -38,7 +38,7 @@ def test_training_requests_fold_into_one_job(redis_url: str, tmp_path: Path) -> 
 
 
 def test_a_started_job_without_heartbeat_is_taken_as_dead(redis_url: str, tmp_path: Path) -> None:
-    queue = TrainingQueue(connect(redis_url), CorrectionStore(tmp_path / "c.sqlite3"))
+    queue = TrainingQueue(connect(redis_url), LoopStore(tmp_path / "c.sqlite3"))
     assert queue.request("1", "START_TRAINING") == "queued"
     job = queue.queue.jobs[0]
     queue.queue.remove(job)
@@ -48,7 +48,7 @@ def test_a_started_job_without_heartbeat_is_taken_as_dead(redis_url: str, tmp_pa
 
 
 def test_training_requests_wait_for_redis(tmp_path: Path) -> None:
-    store = CorrectionStore(tmp_path / "c.sqlite3")
+    store = LoopStore(tmp_path / "c.sqlite3")
     with EmbeddedRedis(tmp_path / "redis") as server:
         url = server.url
     queue = TrainingQueue(connect(url), store)  # the server is gone now
@@ -65,7 +65,7 @@ def test_a_request_to_a_job_that_then_dies_still_leads_to_a_job(
     redis_url: str, tmp_path: Path
 ) -> None:
     """The worker is SIGKILLed mid-job and START_TRAINING comes before its heartbeat expires."""
-    store = CorrectionStore(tmp_path / "c.sqlite3")
+    store = LoopStore(tmp_path / "c.sqlite3")
     queue = TrainingQueue(connect(redis_url), store)
     assert queue.request("1", "START_TRAINING") == "queued"
     job = queue.queue.jobs[0]
@@ -85,6 +85,6 @@ def test_a_request_to_a_job_that_then_dies_still_leads_to_a_job(
 
 
 def test_describe_names_statuses_plainly(redis_url: str, tmp_path: Path) -> None:
-    queue = TrainingQueue(connect(redis_url), CorrectionStore(tmp_path / "c.sqlite3"))
+    queue = TrainingQueue(connect(redis_url), LoopStore(tmp_path / "c.sqlite3"))
     queue.request("7", "START_TRAINING")
     assert [j["status"] for j in queue.describe()["jobs"]] == ["queued"]

@@ -25,6 +25,8 @@ from backend.brush import encode_rle
 from backend.label_config import label_config_for
 from model import load_checkpoint
 
+pytestmark = pytest.mark.slow  # real gunicorn, RQ workers and Redis, and real fine-tuning
+
 CONFIG = label_config_for(CLASSES)
 IMAGE_SIZE = (48, 40)  # width, height of the served test images
 # How long a swap may take before a test calls it lost. Generous: on a busy machine loading a

@@ -295,6 +295,7 @@ def test_dataset_errors(tmp_path: Path, decoy: Path) -> None:
         list_samples(decoy, "test", ["0", "1"])
 
 
+@pytest.mark.slow  # trains for real
 def test_short_training_run_beats_chance(decoy: Path) -> None:
     config = TrainConfig(epochs=3, batch_size=32, image_size=32, device="cpu")
     model, meta = train(decoy, "resnet18", "abn", config)

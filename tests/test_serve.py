@@ -15,6 +15,8 @@ from processes import ROOT, free_port, wait_for
 from backend.registry import ModelRegistry
 from backend.settings import Settings, SettingsError, is_loopback
 
+pytestmark = pytest.mark.slow  # starts real servers
+
 START_WAIT = 240  # a first start loads torch twice on a possibly busy machine; a hang never ends
 
 

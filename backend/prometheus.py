@@ -172,10 +172,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive, and not ours to judge
         return True
     return True
-
-
-def mark_worker_dead(pid: int) -> None:
-    """Gunicorn's child_exit hook: drop a dead worker's live gauges (none today; harmless)."""
-    path = multiprocess_dir()
-    if path:
-        multiprocess.mark_process_dead(pid, path)

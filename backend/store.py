@@ -1,0 +1,245 @@
+"""The loop's durable state: SQLite in MODEL_DIR (``corrections.sqlite3``).
+
+Three tables: the corrections (one row per annotation, its map-sized target as a blob, kept as
+a tombstone once deleted), which version pre-annotated each task (webhooks do not carry it), and
+the training requests that wait for Redis. Durable across restarts (WAL, synchronous writes),
+transactional, and independent of Redis, so corrections keep arriving while Redis is down.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backend.corrections import Correction
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS corrections (
+    project TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    task_id INTEGER NOT NULL,
+    image TEXT NOT NULL,
+    label TEXT,
+    target BLOB,
+    map_size INTEGER,
+    edited INTEGER NOT NULL,
+    model_version TEXT,
+    updated_at TEXT,
+    stored_at REAL NOT NULL,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    trained_in TEXT,
+    PRIMARY KEY (project, annotation_id)
+);
+CREATE TABLE IF NOT EXISTS predictions (
+    project TEXT NOT NULL,
+    task_id INTEGER NOT NULL,
+    model_version TEXT NOT NULL,
+    predicted_at REAL NOT NULL,
+    PRIMARY KEY (project, task_id)
+);
+CREATE TABLE IF NOT EXISTS training_requests (
+    project TEXT PRIMARY KEY,
+    requested_at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+
+class LoopStore:
+    """Corrections per project, keyed by annotation id: storing an event twice changes nothing.
+
+    Also which version predicted each task, and training requests waiting for Redis.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._db().executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        """One connection per thread (sqlite3 connections must not cross threads)."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: concurrent writers (gunicorn workers) queue on the lock."""
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def put(self, c: Correction) -> bool:
+        """Store or replace the annotation's target; False when nothing changed.
+
+        An older update arriving after a newer one (webhooks race) is ignored, and so is any
+        event for an annotation that was deleted: Label Studio never reuses annotation ids.
+        """
+        target = np.ascontiguousarray(c.target, dtype=np.float32)
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT updated_at, deleted, target, label, edited FROM corrections "
+                "WHERE project = ? AND annotation_id = ?",
+                (c.project, c.annotation_id),
+            ).fetchone()
+            if row is not None:
+                updated_at, deleted, old_target, old_label, old_edited = row
+                newer_stored = (
+                    isinstance(updated_at, str)
+                    and isinstance(c.updated_at, str)
+                    and c.updated_at < updated_at
+                )
+                if deleted or newer_stored:
+                    return False
+                if (old_target, old_label, bool(old_edited)) == (
+                    target.tobytes(),
+                    c.label,
+                    c.edited,
+                ):
+                    return False
+            db.execute(
+                "INSERT OR REPLACE INTO corrections (project, annotation_id, task_id, image, "
+                "label, target, map_size, edited, model_version, updated_at, stored_at, deleted, "
+                "trained_in) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, NULL)",
+                (
+                    c.project,
+                    c.annotation_id,
+                    c.task_id,
+                    c.image,
+                    c.label,
+                    target.tobytes(),
+                    target.shape[0],
+                    int(c.edited),
+                    c.model_version,
+                    c.updated_at,
+                    time.time(),
+                ),
+            )
+            return True
+
+    def record_predictions(self, project: str, task_ids: list[int], version: str) -> None:
+        """Which version pre-annotated each task: webhooks do not carry the task's predictions,
+        and a correction's lineage needs to know what the annotator was shown."""
+        now = time.time()
+        with self._connect() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)",
+                [(project, t, version, now) for t in task_ids],
+            )
+
+    def predicted_version(self, project: str, task_id: int) -> str | None:
+        row = (
+            self._db()
+            .execute(
+                "SELECT model_version FROM predictions WHERE project = ? AND task_id = ?",
+                (project, task_id),
+            )
+            .fetchone()
+        )
+        return row[0] if row else None
+
+    def delete(self, project: str, annotation_ids: list[int]) -> int:
+        """Remove the targets of deleted annotations (kept as tombstones); returns how many."""
+        removed = 0
+        with self._connect() as db:
+            for annotation_id in annotation_ids:
+                cur = db.execute(
+                    "UPDATE corrections SET deleted = 1, target = NULL WHERE project = ? "
+                    "AND annotation_id = ? AND deleted = 0",
+                    (project, annotation_id),
+                )
+                removed += cur.rowcount
+                if cur.rowcount == 0:
+                    db.execute(
+                        "INSERT OR IGNORE INTO corrections (project, annotation_id, task_id, "
+                        "image, edited, stored_at, deleted) VALUES (?, ?, -1, '', 0, ?, 1)",
+                        (project, annotation_id, time.time()),
+                    )
+        return removed
+
+    def corrections(self, project: str) -> list[Correction]:
+        """The live corrections and confirmations of a project, oldest first."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT annotation_id, task_id, image, label, target, map_size, edited, "
+                "model_version, updated_at FROM corrections WHERE project = ? AND deleted = 0 "
+                "ORDER BY stored_at",
+                (project,),
+            ).fetchall()
+        return [
+            Correction(
+                project=project,
+                annotation_id=aid,
+                task_id=tid,
+                image=image,
+                label=label,
+                target=np.frombuffer(blob, dtype=np.float32).reshape(size, -1).copy(),
+                edited=bool(edited),
+                model_version=version,
+                updated_at=updated,
+            )
+            for aid, tid, image, label, blob, size, edited, version, updated in rows
+        ]
+
+    def untrained_count(self, project: str) -> int:
+        """Edited corrections that no published version has learned from yet."""
+        with self._connect() as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM corrections WHERE project = ? AND deleted = 0 "
+                "AND edited = 1 AND trained_in IS NULL",
+                (project,),
+            ).fetchone()
+        return count
+
+    def mark_trained(self, project: str, annotation_ids: list[int], version: str) -> None:
+        with self._connect() as db:
+            db.executemany(
+                "UPDATE corrections SET trained_in = ? WHERE project = ? AND annotation_id = ?",
+                [(version, project, a) for a in annotation_ids],
+            )
+
+    def request_training(self, project: str, reason: str) -> None:
+        """Remember that a job is wanted, so it survives Redis being away."""
+        with self._connect() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO training_requests VALUES (?, ?, ?)",
+                (project, time.time(), reason),
+            )
+
+    def pending_requests(self) -> list[tuple[str, str]]:
+        with self._connect() as db:
+            return db.execute("SELECT project, reason FROM training_requests").fetchall()
+
+    def clear_request(self, project: str) -> None:
+        with self._connect() as db:
+            db.execute("DELETE FROM training_requests WHERE project = ?", (project,))
+
+    def summary(self) -> dict[str, Any]:
+        """Counts per project, for /status."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT project, SUM(edited), SUM(1 - edited), "
+                "SUM(CASE WHEN edited = 1 AND trained_in IS NULL THEN 1 ELSE 0 END) "
+                "FROM corrections WHERE deleted = 0 GROUP BY project"
+            ).fetchall()
+        return {
+            p: {"corrections": int(e or 0), "confirmations": int(c or 0), "untrained": int(u or 0)}
+            for p, e, c, u in rows
+        }
