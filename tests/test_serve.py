@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from processes import ROOT, free_port, wait_for
+from processes import ROOT, free_port, stop_group, wait_for
 
 from backend.registry import ModelRegistry
 from backend.settings import Settings, SettingsError, is_loopback
@@ -42,16 +42,6 @@ def _healthy(proc: subprocess.Popen, base: str, log: Path) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 def test_first_start_with_a_checkpoint_answers_with_parallel_torch(
     tmp_path: Path, tiny_checkpoint: Path
 ) -> None:
@@ -79,7 +69,7 @@ def test_first_start_with_a_checkpoint_answers_with_parallel_torch(
         wait_for(lambda: _healthy(proc, base, log), START_WAIT, "/health: " + log.read_text())
         assert requests.get(f"{base}/health", timeout=30).json()["model_version"] == "v1"
     finally:
-        _stop(proc)
+        stop_group(proc)
     assert ModelRegistry(model_dir).current()["version"] == "v1"
     assert proc.returncode == 0, log.read_text()
 
@@ -100,14 +90,14 @@ def test_a_killed_master_leaves_nothing_the_next_start_keeps(
         [stale] = (model_dir / "metrics").iterdir()
         assert stale.name == f"gunicorn-{first.pid}"
     finally:
-        _stop(first, signal.SIGKILL)
+        stop_group(first, signal.SIGKILL)
     assert stale.is_dir()  # nobody could remove it
     second = _serve(model_dir, log, "--port", str(port), "--workers", "2", OMP_NUM_THREADS="1")
     try:
         wait_for(lambda: _healthy(second, base, log), START_WAIT, "/health: " + log.read_text())
         assert [p.name for p in (model_dir / "metrics").iterdir()] == [f"gunicorn-{second.pid}"]
     finally:
-        _stop(second)
+        stop_group(second)
     assert list((model_dir / "metrics").iterdir()) == []  # a clean stop removes its own
     assert set(Path("/tmp").glob("abn-metrics-*")) == before
 
