@@ -23,9 +23,9 @@ from backend.label_studio import WebhookAuthorizer, basic_header
 from backend.loop import ServingLoop
 from backend.predictions import TaskPredictor
 from backend.prometheus import Metrics
+from backend.registry import model_to_serve
 from backend.request_io import PathScrubber, RequestError, error_reply
 from backend.routes import protocol
-from backend.server import model_to_serve
 from backend.services import EXTENSION, BackendServices
 from backend.serving import ServedModel
 from backend.settings import Settings
@@ -49,7 +49,7 @@ def create_app(
         )
     loader = loader or ImageLoader(settings)
     metrics = Metrics()
-    state = BackendServices(
+    svc = BackendServices(
         settings=settings,
         served=served,
         loader=loader,
@@ -61,14 +61,14 @@ def create_app(
         paths=PathScrubber(settings.model_dir),
     )
     if settings.auth_enabled:
-        state.webhook_auth = WebhookAuthorizer(
+        svc.webhook_auth = WebhookAuthorizer(
             basic_header(settings.basic_auth_user or "", settings.basic_auth_pass or "")
         )
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    app.extensions[EXTENSION] = state
+    app.extensions[EXTENSION] = svc
 
     @app.before_request
     def _before() -> Response | None:

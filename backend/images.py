@@ -81,9 +81,7 @@ class ImageLoader:
         if self.settings.label_studio_url:
             token = self.settings.label_studio_api_key or (from_setup and from_setup.token)
             return LabelStudioConnection(self.settings.label_studio_url, token or None)
-        if from_setup is not None and self.allowed_hosts and not self._allowed(from_setup.url):
-            return None  # a record from before ABN_IMAGE_ALLOWED_HOSTS was set
-        return from_setup
+        return from_setup  # None for a host outside ABN_IMAGE_ALLOWED_HOSTS (label_studio.py)
 
     def resolve(
         self, url: str, project: object = None, task_id: object = None

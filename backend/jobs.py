@@ -1,9 +1,10 @@
 """The training queue: at most one fine-tuning job per project, triggers folded into it.
 
-Every trigger is first written to the corrections store (durable), then handed to RQ. While
-Redis is unreachable the request waits in the store and :meth:`TrainingQueue.flush` hands it over
-once Redis answers again. A trigger that arrives while the project's job is queued changes
-nothing; one that arrives while it runs asks the job to run once more when it ends.
+Every trigger is first written to the loop's store (``backend/store.py``, durable), then handed
+to RQ. While Redis is unreachable the request waits in the store and
+:meth:`TrainingQueue.flush` hands it over once Redis answers again. A trigger that arrives
+while the project's job is queued changes nothing; one that arrives while it runs asks the job
+to run once more when it ends, and stays in the store until a job will see it.
 """
 
 from __future__ import annotations

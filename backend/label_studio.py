@@ -167,9 +167,6 @@ class ProjectConnections:
         ``ABN_IMAGE_ALLOWED_HOSTS`` (when set) is refused; with ``LABEL_STUDIO_URL`` set, that
         URL is recorded instead of the hostname.
         """
-        key = self.project_key(project)
-        if key is None:
-            return
         url = hostname.strip().rstrip("/")
         try:
             parts = urlsplit(url)
@@ -178,6 +175,9 @@ class ProjectConnections:
             valid = False
         if not valid:
             raise HostRefused(f"hostname must be an http(s) URL, got {short_url(hostname)!r}", 400)
+        key = self.project_key(project)
+        if key is None:
+            return
         with self._setup_lock:  # one check-then-write at a time in this process
             self._remember(key, url, token, authenticated)
 

@@ -28,7 +28,7 @@ from backend.brush import encode_rle
 from backend.images import ImageFetchError, ImageLoader, LoadedImage
 from backend.label_config import Targets
 from backend.prometheus import Metrics
-from backend.request_io import json_type
+from backend.schemas import json_type
 from backend.serving import Prediction, ServedModel, Snapshot
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ FETCH_THREADS = 8  # images of one batch downloaded at once
 
 
 def upsample(attention: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The (h, w) map at (height, width), clamped to [0, 1].
+    """The (h, w) map at (height, width), clamped to [0, 1]: the reference that
+    :func:`attention_alpha` computes band by band (tests hold them equal).
 
     Bilinear with half-pixel centres, as ``F.interpolate(..., mode="bilinear",
     align_corners=False)``, done separably (rows, then columns) to keep temporaries small.
@@ -228,7 +229,7 @@ class TaskPredictor:
             chunk = list(enumerate(tasks[start : start + batch], start))
             started = time.perf_counter()
             if len(chunk) == 1:
-                loaded = [self._load_task_image(chunk[0][1], targets.data_key, project, size)]
+                loaded = [self._load_task_image(chunk[0][1], data_key, project, size)]
             else:
                 loaded = list(
                     self._fetch_pool.map(

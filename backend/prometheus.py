@@ -137,9 +137,10 @@ def enable_multiprocess(path: str) -> None:
     """Switch to multiprocess values before any metric exists in this process.
 
     prometheus_client picks its value class when first imported, from the environment; this
-    sets the variable and the class, so it works even after the import (the CLI imports the
-    app before it knows how many workers it will start). Metrics created earlier in this
-    process keep their in-memory values; ``serve`` calls this before creating any app.
+    sets the variable and the class, so it works even after the import (``backend/server.py``
+    imports this module before it knows how many workers it will start). Metrics created
+    earlier in this process keep their in-memory values; ``serve`` calls this before any app
+    exists (apps are made in the workers).
     """
     os.makedirs(path, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path

@@ -25,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from backend.layout import ModelDirLayout
+from backend.settings import Settings, SettingsError
 from model.checkpoint import (
     CheckpointMeta,
     atomic_write,
@@ -137,7 +138,8 @@ class ModelRegistry:
         return entry
 
     def publish_file(self, checkpoint: str | Path, **record: Any) -> dict[str, Any]:
-        """Publish an existing checkpoint file as a version (the first model of a deployment)."""
+        """Publish an existing checkpoint file as a new version (for scripts and tests; a first
+        start uses :meth:`publish_initial`)."""
         model, meta = load_checkpoint(checkpoint)
         return self.publish(model, meta, source=str(checkpoint), **record)
 
@@ -164,3 +166,22 @@ class ModelRegistry:
             index["current"] = version
             write_json_atomically(self.index_path, index)
             return record
+
+
+def model_to_serve(settings: Settings) -> Path:
+    """The registry's current version if MODEL_DIR has published one, else the checkpoint.
+
+    ``--checkpoint`` (``ABN_CHECKPOINT``) is the model served while MODEL_DIR holds no
+    published version. (Following later publications while running is the hot-swap's job:
+    :meth:`ServedModel.swap`.)
+    """
+    if settings.layout.registry_index.is_file():
+        published = ModelRegistry(settings.model_dir).current_checkpoint()
+        if published is not None:
+            return published
+    if settings.checkpoint is None:
+        raise SettingsError(
+            f"no model to serve: {settings.model_dir} has no published version; "
+            "pass --checkpoint CKPT or set ABN_CHECKPOINT"
+        )
+    return settings.checkpoint

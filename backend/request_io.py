@@ -16,7 +16,7 @@ from typing import Any
 from flask import Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from backend.schemas import Body, BodyError, check
+from backend.schemas import Body, BodyError, check, json_type
 
 
 class RequestError(ValueError):
@@ -112,16 +112,3 @@ class PathScrubber:
         if isinstance(value, list | tuple):
             return [self.scrub(item) for item in value]
         return value
-
-
-def json_type(value: object) -> str:
-    """How a JSON value's type reads in a message: "a string", "an array", "null"."""
-    return {
-        type(None): "null",
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "an array",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)

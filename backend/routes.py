@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 
 from flask import Blueprint, Response, jsonify, request
 
 from backend.label_config import LabelConfigError, check_config, default_targets
+from backend.label_studio import HostRefused
 from backend.registry import RegistryError
 from backend.request_io import (
     RequestError,
@@ -46,58 +46,56 @@ protocol = Blueprint("protocol", __name__)
 
 @protocol.get("/health")
 def health() -> Response:
-    state = services()
-    return jsonify(status="UP", model_class="ABN", model_version=state.served.version)
+    svc = services()
+    return jsonify(status="UP", model_class="ABN", model_version=svc.served.version)
 
 
 @protocol.post("/setup")
 def setup() -> Response:
-    state = services()
+    svc = services()
     body = parse_body(SetupBody)
     schema = body["schema"]
     project = body.get("project")
     hostname = body.get("hostname")
     token = body.get("access_token")
-    snap = state.served.snapshot  # one read: the classes checked are the version answered
+    snap = svc.served.snapshot  # one read: the classes checked are the version answered
     try:
         check_config(schema, snap.classes)
     except LabelConfigError as exc:
         log.warning("setup refused for project %s: %s", project, exc)
         return error_reply(400, f"label config refused: {exc}")
     if hostname:
-        if not re.match(r"^https?://[^\s/]+", hostname):
-            raise RequestError(f"hostname must be an http(s) URL, got {hostname!r}")
         try:
-            state.loader.connections.remember(
-                project, hostname, token, authenticated=state.settings.auth_enabled
+            svc.loader.connections.remember(
+                project, hostname, token, authenticated=svc.settings.auth_enabled
             )
-        except ValueError as exc:  # backend.images.HostRefused: names the setting
+        except HostRefused as exc:  # the message names the setting
             log.warning("setup refused for project %s: %s", project, exc)
-            return error_reply(getattr(exc, "status", 403), str(exc))
-    if state.webhook_auth is not None:
-        conn = state.loader.connection_for(project)
-        key = state.loader.connections.project_key(project)
+            return error_reply(exc.status, str(exc))
+    if svc.webhook_auth is not None:
+        conn = svc.loader.connection_for(project)
+        key = svc.loader.connections.project_key(project)
         if conn is not None and conn.token and key and key.isdigit():
-            state.webhook_auth.ensure(conn, key, request.url_root.rstrip("/") + "/webhook")
+            svc.webhook_auth.ensure(conn, key, request.url_root.rstrip("/") + "/webhook")
     return jsonify(model_version=snap.version)
 
 
 @protocol.post("/predict")
 def predict() -> Response:
-    state = services()
+    svc = services()
     body = json_object()
     tasks = body.get("tasks")
-    if isinstance(tasks, list) and len(tasks) > state.settings.max_tasks_per_request:
+    if isinstance(tasks, list) and len(tasks) > svc.settings.max_tasks_per_request:
         message = (
             f"{len(tasks)} tasks in one request, more than ABN_MAX_TASKS_PER_REQUEST="
-            f"{state.settings.max_tasks_per_request}; select fewer tasks at a time"
+            f"{svc.settings.max_tasks_per_request}; select fewer tasks at a time"
         )
         log.warning("/predict refused: %s", message)
         return error_reply(413, message)
     check_body(PredictBody, body)
     label_config = body.get("label_config")
     project = body.get("project")
-    snap = state.served.snapshot
+    snap = svc.served.snapshot
     try:
         targets = (
             check_config(label_config, snap.classes)
@@ -106,27 +104,25 @@ def predict() -> Response:
         )
     except LabelConfigError as exc:
         return error_reply(400, f"label config refused: {exc}")
-    results = state.predictor.predict(tasks, targets, snap, project)
-    key = state.loader.connections.project_key(project)
+    results = svc.predictor.predict(tasks, targets, snap, project)
+    key = svc.loader.connections.project_key(project)
     predicted = [t.get("id") for t, r in zip(tasks, results, strict=True) if r["result"]]
     if key and predicted and all(isinstance(t, int) for t in predicted):
-        state.loop.store.record_predictions(key, predicted, snap.version)
+        svc.loop.store.record_predictions(key, predicted, snap.version)
     return jsonify(results=results, model_version=snap.version)
 
 
 @protocol.post("/webhook")
 def webhook() -> Response:
-    state = services()
+    svc = services()
     payload = parse_body(WebhookBody)
     action = payload["action"]
-    state.metrics.count_webhook(action)
+    svc.metrics.count_webhook(action)
     try:
         event = WEBHOOK_EVENTS.get(action)
         if event is not None:
             check_body(event, payload)
-        reply = state.loop.webhooks.handle(
-            payload, brush_max_pixels=state.settings.brush_max_pixels
-        )
+        reply = svc.loop.webhooks.handle(payload, brush_max_pixels=svc.settings.brush_max_pixels)
     except RequestError as exc:
         log.warning("webhook %s refused: %s", action, exc)
         raise
@@ -138,38 +134,38 @@ def webhook() -> Response:
 
 @protocol.get("/versions")
 def versions() -> Response:
-    state = services()
-    records = state.loop.registry.versions()
-    names = [r["version"] for r in records] or [state.served.version]
-    return jsonify(versions=names, current=state.served.version, records=state.paths.scrub(records))
+    svc = services()
+    records = svc.loop.registry.versions()
+    names = [r["version"] for r in records] or [svc.served.version]
+    return jsonify(versions=names, current=svc.served.version, records=svc.paths.scrub(records))
 
 
 @protocol.post("/rollback")
 def rollback() -> Response:
-    state = services()
+    svc = services()
     version = parse_body(RollbackBody)["version"]
     try:
-        record = state.loop.rollback(version)
+        record = svc.loop.rollback(version)
     except RegistryError as exc:
-        return error_reply(404, state.paths.scrub(str(exc)))
+        return error_reply(404, svc.paths.scrub(str(exc)))
     except CheckpointError as exc:
-        return error_reply(409, f"cannot roll back to {version}: {state.paths.scrub(str(exc))}")
-    return jsonify(status="ok", version=record["version"], serving=state.served.version)
+        return error_reply(409, f"cannot roll back to {version}: {svc.paths.scrub(str(exc))}")
+    return jsonify(status="ok", version=record["version"], serving=svc.served.version)
 
 
 @protocol.get("/status")
 def status() -> Response:
-    state = services()
+    svc = services()
     return jsonify(
-        state.paths.scrub(
+        svc.paths.scrub(
             dict(
                 status="UP",
-                model_version=state.served.version,
-                model=state.served.info(),
+                model_version=svc.served.version,
+                model=svc.served.info(),
                 pid=os.getpid(),
-                uptime_s=round(time.time() - state.started_at, 1),
-                auth=state.settings.auth_enabled,
-                **state.loop.status(),
+                uptime_s=round(time.time() - svc.started_at, 1),
+                auth=svc.settings.auth_enabled,
+                **svc.loop.status(),
             )
         )
     )
@@ -177,6 +173,6 @@ def status() -> Response:
 
 @protocol.get("/metrics")
 def metrics() -> Response:
-    state = services()
-    body, content_type = state.metrics.render()
+    svc = services()
+    body, content_type = svc.metrics.render()
     return Response(body, content_type=content_type)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidat
 from pydantic_core import PydanticCustomError
 
 MAX_ID = 2**63 - 1
-"""Largest id the corrections store can hold: SQLite's INTEGER is a signed 64-bit number."""
+"""Largest id the loop's store can hold: SQLite's INTEGER is a signed 64-bit number."""
 MAX_SIDE = 2**31 - 1
 """Largest image side in pixels a result may declare (the pixel limits are checked later)."""
 
@@ -226,8 +226,8 @@ def describe_error(model: type[Body], error: Any) -> str:
     if kind in _RANGE_ERRORS:
         return f"{subject} must be {expected}, got {_short(value)}"
     if kind == "project_key":
-        return f"{subject} {error['msg']}, got {_json_type(value)}"
-    return f"{subject} must be {expected}, got {_json_type(value)}"
+        return f"{subject} {error['msg']}, got {json_type(value)}"
+    return f"{subject} must be {expected}, got {json_type(value)}"
 
 
 def format_path(loc: tuple[Any, ...]) -> str:
@@ -346,7 +346,7 @@ _FALLBACK = {
 }
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """The JSON name of a value's type, as a refusal reports it."""
     if isinstance(value, bool):
         return "a boolean"

@@ -20,30 +20,11 @@ from gunicorn.app.base import BaseApplication
 
 from backend import prometheus
 from backend.isolation import run_in_fresh_process
-from backend.registry import ModelRegistry
+from backend.registry import ModelRegistry, model_to_serve
 from backend.settings import Settings, SettingsError
 from model.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def model_to_serve(settings: Settings) -> Path:
-    """The registry's current version if MODEL_DIR has published one, else the checkpoint.
-
-    ``--checkpoint`` (``ABN_CHECKPOINT``) is the model served while MODEL_DIR holds no
-    published version. (Following later publications while running is the hot-swap's job:
-    :meth:`ServedModel.swap`.)
-    """
-    if settings.layout.registry_index.is_file():
-        published = ModelRegistry(settings.model_dir).current_checkpoint()
-        if published is not None:
-            return published
-    if settings.checkpoint is None:
-        raise SettingsError(
-            f"no model to serve: {settings.model_dir} has no published version; "
-            "pass --checkpoint CKPT or set ABN_CHECKPOINT"
-        )
-    return settings.checkpoint
 
 
 def prepare_to_serve(settings: Settings) -> Path:

@@ -43,7 +43,7 @@ class WebhookHandler:
     def handle(self, payload: Any, *, brush_max_pixels: int | None = None) -> dict[str, Any]:
         """Act on one event; returns the JSON acknowledgement.
 
-        The app checks the body against ``backend/schemas.py`` first; what is checked here
+        The route checks the body against ``backend/schemas.py`` first; what is checked here
         again is only what would otherwise crash. A brush larger than `brush_max_pixels` is
         refused with a 413 before it is decoded.
         """

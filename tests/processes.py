@@ -149,8 +149,11 @@ def running_backend(
 
 
 def _up(loop: Loop) -> bool:
+    """Whether /health answers. Gunicorn listens before its workers have loaded the model, so
+    a request can wait seconds on a busy machine: a slow answer means "not yet", not a failure
+    (the caller's deadline bounds the wait)."""
     assert loop.procs["serve"].poll() is None, loop.log("serve")
     try:
-        return requests.get(loop.base + "/health", timeout=2, auth=loop.auth).status_code == 200
-    except requests.ConnectionError:
+        return requests.get(loop.base + "/health", timeout=10, auth=loop.auth).status_code == 200
+    except requests.RequestException:
         return False
