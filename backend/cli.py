@@ -162,6 +162,15 @@ def cmd_worker(args: argparse.Namespace) -> None:
 def cmd_label_config(args: argparse.Namespace) -> None:
     from backend.label_config import label_config_for
 
+    if args.classes is not None:
+        classes = [c.strip() for c in args.classes.split(",")]
+        if not all(classes) or len(set(classes)) != len(classes):
+            raise SystemExit(
+                f"error: --classes must be distinct, non-empty names separated by commas, "
+                f"got {args.classes!r}"
+            )
+        print(label_config_for(classes), end="")
+        return
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = ModelRegistry(Settings.from_env().model_dir).current_checkpoint()
@@ -245,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("label-config", help="the Label Studio config for a model's classes")
-    p.add_argument("--checkpoint", type=Path, help="default: the version MODEL_DIR serves")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, help="default: the version MODEL_DIR serves")
+    which.add_argument("--classes", help="class names separated by commas, for a new project")
     p.set_defaults(func=cmd_label_config)
 
     p = sub.add_parser("rollback", help="serve an earlier published version again")

@@ -7,6 +7,8 @@
   whose image fails gets an empty entry and the others are still predicted;
 - ``POST /webhook``: acknowledges every action; annotation events become stored corrections,
   ``START_TRAINING`` and enough new corrections queue a fine-tuning job (``backend/loop.py``);
+- ``POST /train``: what Label Studio calls when its START_TRAINING webhook is off (the
+  "Start model training on annotation submission" toggle): the same as that webhook;
 - ``GET /versions`` (the published versions), ``POST /rollback`` (serve an earlier one),
   ``GET /status`` (version, queue, job progress, last results), ``GET /metrics`` (Prometheus).
 
@@ -34,7 +36,14 @@ from backend.request_io import (
     json_object,
     parse_body,
 )
-from backend.schemas import WEBHOOK_EVENTS, PredictBody, RollbackBody, SetupBody, WebhookBody
+from backend.schemas import (
+    WEBHOOK_EVENTS,
+    PredictBody,
+    RollbackBody,
+    SetupBody,
+    TrainBody,
+    WebhookBody,
+)
 from backend.services import services
 from backend.webhooks import WebhookError
 from model.checkpoint import CheckpointError
@@ -129,6 +138,17 @@ def webhook() -> Response:
     except WebhookError as exc:
         log.warning("webhook %s refused: %s", action, exc)
         return error_reply(exc.status, str(exc))
+    return jsonify(status="ok", **reply)
+
+
+@protocol.post("/train")
+def train() -> Response:
+    svc = services()
+    project = svc.loader.connections.project_key(parse_body(TrainBody)["project"])
+    if project is None:
+        raise RequestError("field 'project' must name a project")
+    reply = svc.loop.webhooks.handle({"action": "START_TRAINING", "project": {"id": project}})
+    log.info("POST /train for project %s: %s", project, reply.get("training"))
     return jsonify(status="ok", **reply)
 
 

@@ -108,6 +108,12 @@ class PredictBody(Body):
 # ---------------------------------------------------------------------------- /rollback
 
 
+class TrainBody(Body):
+    """What Label Studio's ``train()`` sends (``annotations``, ``label_config`` ride along)."""
+
+    project: ProjectKey
+
+
 class RollbackBody(Body):
     version: Annotated[
         str, Field(min_length=1, max_length=200), Describe("a version name of 1 to 200 characters")

@@ -573,6 +573,7 @@ ROUTES = [
     ("POST", "/setup"),
     ("POST", "/predict"),
     ("POST", "/webhook"),
+    ("POST", "/train"),
     ("GET", "/versions"),
     ("GET", "/status"),
     ("GET", "/metrics"),
@@ -598,7 +599,7 @@ def test_every_route_needs_basic_auth(auth_client, method: str, path: str, heade
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 def test_right_credentials_pass(auth_client, method: str, path: str) -> None:
-    body = {"schema": CONFIG, "tasks": [], "action": "PROJECT_UPDATED"}
+    body = {"schema": CONFIG, "tasks": [], "action": "PROJECT_UPDATED", "project": "1"}
     reply = auth_client.open(path, method=method, headers=basic(*AUTH), data=json.dumps(body))
     assert reply.status_code == 200
 
@@ -868,3 +869,16 @@ def test_a_published_version_wins_over_the_checkpoint(
     assert model_to_serve(settings) == ModelRegistry(tmp_path).checkpoint_path(record["version"])
     client = create_app(settings).test_client()
     assert client.get("/versions").json["versions"] == [record["version"]]
+
+
+def test_post_train_requests_training_like_the_webhook(app: Flask, client) -> None:
+    """Label Studio's train() with the START_TRAINING webhook flag off: POST /train."""
+    body = {"project": "4.1700000000", "annotations": [], "label_config": "<View/>", "params": {}}
+    reply = post(client, "/train", body)
+    assert reply.status_code == 200, reply.json
+    assert reply.json["training"] == "deferred"  # no Redis here: it waits in the store
+    store = app.extensions["abn"].loop.store
+    assert store.pending_requests() == [("4", "START_TRAINING")]
+    for bad, needle in [({}, "missing field 'project'"), ({"project": [4]}, "'project' must")]:
+        reply = post(client, "/train", bad)
+        assert reply.status_code == 400 and needle in reply.json["error"], reply.json

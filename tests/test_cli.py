@@ -52,3 +52,12 @@ def test_versions_lists_lineage_and_marks_the_current_one(
     assert not lines[1].startswith("*") and "round 1" in lines[1]
     with pytest.raises(SystemExit, match="no published version 'v7'"):
         main(["rollback", "v7"])
+
+
+def test_label_config_for_named_classes(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["label-config", "--classes", "cat, dog ,fox"])
+    config = capsys.readouterr().out
+    assert check_config(config, ["cat", "dog", "fox"]).choices == "class"
+    for bad in ("cat,,dog", "cat,cat", ""):
+        with pytest.raises(SystemExit, match="distinct, non-empty names"):
+            main(["label-config", "--classes", bad])

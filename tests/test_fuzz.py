@@ -407,9 +407,22 @@ def test_fuzz_rollback(fuzz_app: Flask) -> None:
     assert sender.sent >= 1000
 
 
+def test_fuzz_train(fuzz_app: Flask) -> None:
+    sender = Sender(fuzz_app)
+    bodies = st.sampled_from(
+        [
+            {"project": "1.1700000000", "annotations": [], "label_config": "<View/>"},
+            {"project": 2, "params": {"login": None, "password": None}},
+        ]
+    )
+    fuzz(sender, "/train", bodies, 500)()
+    assert sender.sent >= 500
+    assert sender.statuses[200] > 50
+
+
 def test_fuzz_arbitrary_json_and_bytes(fuzz_app: Flask) -> None:
     sender = Sender(fuzz_app)
-    routes = st.sampled_from(["/webhook", "/predict", "/setup", "/rollback"])
+    routes = st.sampled_from(["/webhook", "/predict", "/setup", "/rollback", "/train"])
 
     @fuzz_settings(500)
     @given(route=routes, body=JSON, raw=st.none() | st.binary(max_size=64))
