@@ -68,7 +68,25 @@ def json_object() -> dict[str, Any]:
         raise RequestError(f"malformed JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError(f"the body must be a JSON object, got {json_type(body)}")
+    if _MAYBE_SURROGATE.search(raw):
+        _refuse_lone_surrogates(body)
     return body
+
+
+# A "\ud800"-style escape, or the UTF-8 bytes of a surrogate (json.loads decodes bytes with
+# "surrogatepass"): either can put a lone surrogate into a string, which no UTF-8 consumer
+# (SQLite, a URL, a log file) accepts. Only bodies that may hold one are checked in full.
+_MAYBE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _refuse_lone_surrogates(body: dict[str, Any]) -> None:
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(
+            "the body holds a lone UTF-16 surrogate (a \\ud800-\\udfff escape without its "
+            "pair): send valid Unicode text"
+        ) from None
 
 
 def parse_body(model: type[Body]) -> dict[str, Any]:

@@ -882,3 +882,23 @@ def test_post_train_requests_training_like_the_webhook(app: Flask, client) -> No
     for bad, needle in [({}, "missing field 'project'"), ({"project": [4]}, "'project' must")]:
         reply = post(client, "/train", bad)
         assert reply.status_code == 400 and needle in reply.json["error"], reply.json
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"tasks": [{"id": 1, "data": {"image": "\\ud800"}}]}',  # an escape without its pair
+        b'{"tasks": [{"id": 1, "data": {"image": "\xed\xa0\x80"}}]}',  # a surrogate as UTF-8
+    ],
+)
+def test_a_lone_surrogate_is_a_400_not_a_500(client, body: bytes) -> None:
+    """Found by the fuzz: a lone surrogate reached SQLite and failed to encode (a 500)."""
+    for path in ("/predict", "/webhook", "/setup"):
+        reply = client.post(path, data=body, content_type="application/json")
+        assert reply.status_code == 400 and "lone UTF-16 surrogate" in reply.json["error"]
+
+
+def test_a_paired_surrogate_escape_is_text(client) -> None:
+    body = b'{"tasks": [{"id": 1, "data": {"image": "/data/upload/1/\\ud83d\\ude00.png"}}]}'
+    reply = client.post("/predict", data=body, content_type="application/json")
+    assert reply.status_code == 200 and reply.json["results"][0]["result"] == []
