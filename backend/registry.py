@@ -140,8 +140,8 @@ class ModelRegistry:
     def publish_file(self, checkpoint: str | Path, **record: Any) -> dict[str, Any]:
         """Publish an existing checkpoint file as a new version (for scripts and tests; a first
         start uses :meth:`publish_initial`)."""
-        model, meta = load_checkpoint(checkpoint)
-        return self.publish(model, meta, source=str(checkpoint), **record)
+        with self._locked():
+            return self._publish_file(checkpoint, record)
 
     def publish_initial(self, checkpoint: str | Path) -> tuple[dict[str, Any], bool]:
         """The current version's record, publishing `checkpoint` first if nothing is published.
@@ -153,9 +153,12 @@ class ModelRegistry:
             current = self.current()
             if current is not None:
                 return current, False
-            model, meta = load_checkpoint(checkpoint)
-            record = {"source": str(checkpoint), "reason": "initial model"}
-            return self._publish(model, meta, record), True
+            return self._publish_file(checkpoint, {"reason": "initial model"}), True
+
+    def _publish_file(self, checkpoint: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`publish_file` for a caller that holds the lock."""
+        model, meta = load_checkpoint(checkpoint)
+        return self._publish(model, meta, {"source": str(checkpoint), **record})
 
     def rollback(self, version: str) -> dict[str, Any]:
         """Serve an earlier (or any published) version again; its checkpoint must still load."""

@@ -148,12 +148,16 @@ def running_backend(
                 deployment.stop(name)
 
 
-def _up(loop: Loop) -> bool:
+def healthy(base: str, auth: tuple[str, str] | None = None) -> bool:
     """Whether /health answers. Gunicorn listens before its workers have loaded the model, so
     a request can wait seconds on a busy machine: a slow answer means "not yet", not a failure
     (the caller's deadline bounds the wait)."""
-    assert loop.procs["serve"].poll() is None, loop.log("serve")
     try:
-        return requests.get(loop.base + "/health", timeout=10, auth=loop.auth).status_code == 200
+        return requests.get(base + "/health", timeout=10, auth=auth).status_code == 200
     except requests.RequestException:
         return False
+
+
+def _up(loop: Loop) -> bool:
+    assert loop.procs["serve"].poll() is None, loop.log("serve")
+    return healthy(loop.base, loop.auth)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import requests
 from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
 from flask import Flask
 from label_studio_sdk.label_interface import LabelInterface
+from processes import ROOT, free_port
 from werkzeug.serving import make_server
 
 from backend.app import create_app
@@ -34,7 +34,6 @@ from backend.predictions import attention_alpha
 from backend.serving import ServedModel
 from backend.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = label_config_for(CLASSES)
 AUTH = ("ml", "s3cret")
 
@@ -731,12 +730,6 @@ def test_no_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(SettingsError, match="ABN_CHECKPOINT"):
         create_app(make_settings(tmp_path))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # a real gunicorn

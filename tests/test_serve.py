@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from processes import ROOT, free_port, stop_group, wait_for
+from processes import ROOT, free_port, healthy, stop_group, wait_for
 from redis.exceptions import RedisError
 
 from backend.redis_connection import connect
@@ -39,10 +39,7 @@ def _serve(model_dir: Path, log: Path, *args: str, **env: str) -> subprocess.Pop
 
 def _healthy(proc: subprocess.Popen, base: str, log: Path) -> bool:
     assert proc.poll() is None, log.read_text()
-    try:
-        return requests.get(f"{base}/health", timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
+    return healthy(base)
 
 
 def test_first_start_with_a_checkpoint_answers_with_parallel_torch(
