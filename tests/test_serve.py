@@ -8,13 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 import requests
 from processes import ROOT, free_port, healthy, stop_group, wait_for
-from redis.exceptions import RedisError
 
-from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings, SettingsError, is_loopback
 
@@ -136,64 +133,3 @@ def test_exposure_rules() -> None:
     assert env.allow_unauthenticated
     with pytest.raises(SettingsError, match="ABN_ALLOW_UNAUTHENTICATED"):
         Settings.from_env({"ABN_ALLOW_UNAUTHENTICATED": "maybe"})
-
-
-def _redis_server(socket: str) -> tuple[psutil.Process, Path] | None:
-    """The redis-server answering on the unix `socket`, and its config file; None if none."""
-    try:
-        info = connect(f"unix://{socket}").info("server")
-    except RedisError:
-        return None
-    return psutil.Process(int(info["process_id"])), Path(info["config_file"])
-
-
-def test_abn_run_says_ready_and_outlives_its_redis(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    """The embedded Redis is killed under `abn run`: it comes back, and training still queues."""
-    port = free_port()
-    log = tmp_path / "run.log"
-    env = {**os.environ, "MODEL_DIR": str(tmp_path / "model_dir"), "OMP_NUM_THREADS": "1"}
-    for name in ("REDIS_URL", "BASIC_AUTH_USER", "BASIC_AUTH_PASS", "PROMETHEUS_MULTIPROC_DIR"):
-        env.pop(name, None)
-    ckpt = str(tiny_checkpoint)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backend", "run", "--port", str(port), "--checkpoint", ckpt],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    start_training = {"action": "START_TRAINING", "project": {"id": 1}}
-    scratch: set[Path] = set()
-    try:
-        ready = lambda: "READY http://" in log.read_text()  # noqa: E731
-        wait_for(ready, START_WAIT, "READY: " + log.read_text())
-        assert requests.get(f"{base}/health", timeout=30).json()["model_version"] == "v1"
-        socket = log.read_text().split("embedded Redis at unix://", 1)[1].split()[0]
-        found = _redis_server(socket)
-        assert found is not None
-        first, config = found
-        scratch |= {Path(socket).parent, config.parent}
-        first.kill()
-
-        def queued_again() -> bool:
-            reply = requests.post(f"{base}/webhook", json=start_training, timeout=30)
-            return reply.status_code == 200 and reply.json()["training"] in ("queued", "folded")
-
-        wait_for(queued_again, START_WAIT, "training to queue again: " + log.read_text())
-        found = _redis_server(socket)
-        assert found is not None and found[0].pid != first.pid
-        scratch.add(found[1].parent)
-        assert "the embedded Redis died; restarting it" in log.read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            stop_group(proc, signal.SIGKILL)
-    assert proc.returncode == 0, log.read_text()
-    assert _redis_server(socket) is None
-    assert [p for p in scratch if p.exists()] == []
-    assert "Traceback" not in log.read_text(), log.read_text()
