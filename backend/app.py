@@ -22,8 +22,9 @@ from backend.images import ImageLoader
 from backend.label_studio import WebhookAuthorizer, basic_header
 from backend.loop import ServingLoop
 from backend.predictions import TaskPredictor
+from backend.project_models import ProjectModels
 from backend.prometheus import Metrics
-from backend.registry import model_to_serve
+from backend.registry import shared_model_path
 from backend.request_io import PathScrubber, RequestError, error_reply
 from backend.routes import protocol
 from backend.services import EXTENSION, BackendServices
@@ -41,23 +42,25 @@ def create_app(
     served: ServedModel | None = None,
     loader: ImageLoader | None = None,
 ) -> Flask:
-    """The Flask application; loads the model here (once per process) unless `served` is given."""
+    """The Flask application; loads the shared model here (once per process, if there is one)
+    unless `served` is given. Project models load on first use."""
     settings = settings or Settings.from_env()
     if served is None:
-        served = ServedModel.from_checkpoint(
-            model_to_serve(settings), device=settings.device, batch_size=settings.batch_size
-        )
+        path = shared_model_path(settings)
+        if path is not None:
+            served = ServedModel.from_checkpoint(
+                path, device=settings.device, batch_size=settings.batch_size
+            )
+    models = ProjectModels(settings, served)
     loader = loader or ImageLoader(settings)
     metrics = Metrics()
     svc = BackendServices(
         settings=settings,
-        served=served,
+        models=models,
         loader=loader,
         metrics=metrics,
-        predictor=TaskPredictor(
-            served, loader, metrics, settings.batch_size, settings.brush_levels
-        ),
-        loop=ServingLoop(settings, served).start(),
+        predictor=TaskPredictor(loader, metrics, settings.batch_size, settings.brush_levels),
+        loop=ServingLoop(settings, models).start(),
         paths=PathScrubber(settings.model_dir),
     )
     if settings.auth_enabled:

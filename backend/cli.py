@@ -1,7 +1,9 @@
 """`abn`: the model library's commands plus the backend's (run, serve, worker, rollback, ...).
 
 `abn run` is the main job on one machine: an embedded Redis when REDIS_URL is unset, one
-training worker, and the backend; it stops all of them when it ends.
+training worker, and the backend; it stops all of them when it ends. It serves no model until a
+project trains its own, unless given a shared one (``--checkpoint``, or ``--demo`` for the
+decoy-digits demo).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.registry import ModelRegistry
+from backend.registry import ModelRegistry, all_versions
 from backend.settings import Settings
 from model import cli as model_cli
 from model.checkpoint import read_checkpoint, save_checkpoint
@@ -25,35 +27,37 @@ from model.train import TrainConfig, train
 
 log = logging.getLogger("abn")
 
-# The model `abn run` trains when it is given none: small enough for a few minutes on a CPU.
-DEFAULT_MODEL = {"epochs": 5, "image_size": 112, "batch_size": 32}
+# The demo model `abn run --demo` trains: small enough for a few minutes on a CPU.
+DEMO_MODEL = {"epochs": 5, "image_size": 112, "batch_size": 32}
 
 
-def default_checkpoint(settings: Settings) -> Path:
+def demo_checkpoint(settings: Settings) -> Path:
     """Train the demo model on decoy-digits once; later starts reuse the file."""
     path = settings.layout.demo_checkpoint
     if path.is_file():
         return path
     data = model_cli.resolve_data(DECOY_DIGITS)
     log.info(
-        "no model given and none published: training a default ABN-ResNet18 on %s (%s); "
-        "pass --checkpoint CKPT to serve your own",
+        "--demo: training an ABN-ResNet18 on %s (%s), a few minutes on a CPU",
         DECOY_DIGITS,
-        ", ".join(f"{k}={v}" for k, v in DEFAULT_MODEL.items()),
+        ", ".join(f"{k}={v}" for k, v in DEMO_MODEL.items()),
     )
-    model, meta = train(data, "resnet18", "abn", TrainConfig(**DEFAULT_MODEL))
+    model, meta = train(data, "resnet18", "abn", TrainConfig(**DEMO_MODEL))
     return save_checkpoint(path, model, meta)
 
 
-def ensure_published(settings: Settings, checkpoint: Path | None) -> dict:
-    """The registry's current version; the first start publishes the given (or default) model."""
+def ensure_shared(settings: Settings, checkpoint: Path | None, demo: bool) -> dict | None:
+    """The shared model's current version; a first start publishes `checkpoint` (or, with
+    `demo`, the demo model). None: no shared model, every project trains its own."""
     registry = ModelRegistry(settings.model_dir)
     current = registry.current()
     if current is not None:
-        if checkpoint is not None:
-            log.info("MODEL_DIR already serves %s; --checkpoint is ignored", current["version"])
+        if checkpoint is not None or demo:
+            log.info("MODEL_DIR already serves %s; --checkpoint/--demo ignored", current["version"])
         return current
-    source = checkpoint or default_checkpoint(settings)
+    source = checkpoint or (demo_checkpoint(settings) if demo else None)
+    if source is None:
+        return None
     record, _ = registry.publish_initial(source)
     log.info("published %s as %s", record.get("source", source), record["version"])
     return record
@@ -63,7 +67,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     from backend.redis_connection import EmbeddedRedis
 
     settings = serving_settings(args)
-    current = ensure_published(settings, args.checkpoint or settings.checkpoint)
+    current = ensure_shared(settings, args.checkpoint or settings.checkpoint, args.demo)
     env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
     with EmbeddedRedis() if not settings.redis_url else contextlib.nullcontext() as redis:
         if redis is not None:
@@ -86,7 +90,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                 env=env,
             ),
         ]
-        print_connection_help(args.host, args.port, current["version"], settings)
+        print_connection_help(args.host, args.port, current and current["version"], settings)
         try:
             _wait(children)
         finally:
@@ -122,20 +126,27 @@ def _stop(children: list[subprocess.Popen]) -> None:
             child.wait()
 
 
-def print_connection_help(host: str, port: int, version: str, settings: Settings) -> None:
+def print_connection_help(host: str, port: int, version: str | None, settings: Settings) -> None:
     shown = "localhost" if host in ("0.0.0.0", "::") else host
     auth = "on (BASIC_AUTH_USER)" if settings.auth_enabled else "off"
+    model = f"shared model {version}" if version else "no shared model"
+    config = (
+        ".venv/bin/abn label-config   (the shared model's classes)"
+        if version
+        else ".venv/bin/abn label-config --classes cat,dog,...   (your classes)"
+    )
     print(
-        f"\nABN backend on http://{shown}:{port}  (model {version}, basic auth {auth})\n"
+        f"\nABN backend on http://{shown}:{port}  ({model}, basic auth {auth})\n"
         "Connect a Label Studio project:\n"
-        "  1. Settings > Labeling Interface: paste the output of\n"
-        "       .venv/bin/abn label-config   (same MODEL_DIR as this process)\n"
+        f"  1. Settings > Labeling Interface: paste the output of\n       {config}\n"
         f"  2. Settings > Model > Connect Model: URL http://{shown}:{port}\n"
         "     (Label Studio must be started with ML_BLOCK_LOCAL_IP=false and\n"
         "      SSRF_PROTECTION_ENABLED=false to reach a backend on this machine)\n"
-        "  3. Data Manager > Retrieve Predictions; edit the Attention brush; Submit.\n"
-        "     Settings > Model > Start Training, or let corrections trigger it.\n"
-        "See README.md, 'Connecting Label Studio'. Ctrl-C stops everything.\n",
+        "  3. A new project: pick the class of some tasks of each class, Submit, then\n"
+        "     Settings > Model > Start Training: its first model trains in a few minutes.\n"
+        "  4. Data Manager > Retrieve Predictions; edit the Attention brush where the model\n"
+        "     looks at the wrong thing; Submit. Start Training again, or let corrections do it.\n"
+        "See README.md, 'Quick start'. Ctrl-C stops everything.\n",
         flush=True,
     )
 
@@ -173,27 +184,46 @@ def cmd_label_config(args: argparse.Namespace) -> None:
         return
     checkpoint = args.checkpoint
     if checkpoint is None:
-        checkpoint = ModelRegistry(Settings.from_env().model_dir).current_checkpoint()
+        registry = ModelRegistry(Settings.from_env().model_dir, args.project)
+        checkpoint = registry.current_checkpoint()
     if checkpoint is None:
-        raise SystemExit("error: no --checkpoint given and MODEL_DIR has no published version")
+        whose = f"project {args.project}" if args.project else "the shared model"
+        raise SystemExit(
+            f"error: {whose} has no published version; give --checkpoint CKPT, or --classes "
+            "a,b,c for a new project"
+        )
     meta, _ = read_checkpoint(checkpoint)
     print(label_config_for(list(meta["classes"])), end="")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
-    record = ModelRegistry(Settings.from_env().model_dir).rollback(args.version)
+    registry = ModelRegistry.of_version(Settings.from_env().model_dir, args.version)
+    record = registry.rollback(args.version)
     print(f"now serving {record['version']} (serving processes switch within seconds)")
 
 
+def cmd_reset(args: argparse.Namespace) -> None:
+    registry = ModelRegistry(Settings.from_env().model_dir, args.project)
+    old = registry.reset(args.reason)
+    was = f"was {old['version']}" if old else "it served nothing"
+    print(
+        f"project {args.project}: its lineage serves nothing now ({was}); its next training "
+        "trains a first model on the label config's classes (old versions stay listed for "
+        "rollback)"
+    )
+
+
 def cmd_versions(args: argparse.Namespace) -> None:
-    registry = ModelRegistry(Settings.from_env().model_dir)
-    current = registry.current()
-    for record in registry.versions():
-        mark = "*" if current and record["version"] == current["version"] else " "
+    from backend.registry import lineage_of
+
+    for record in all_versions(Settings.from_env().model_dir):
+        if args.project is not None and lineage_of(record["version"]) != args.project:
+            continue
+        mark = "*" if record["current"] else " "
         ids = record.get("annotation_ids") or []
         print(
-            f"{mark} {record['version']:>5}  parent {record.get('parent_version') or '-':>5}  "
-            f"{len(ids):>4} corrections  {record.get('reason', '')}"
+            f"{mark} {record['version']:>8}  parent {record.get('parent_version') or '-':>8}  "
+            f"{len(ids):>4} annotations  {record.get('reason', '')}"
         )
 
 
@@ -239,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_serving_options(p)
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="with nothing published, train and share the decoy-digits demo model (minutes)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
@@ -257,13 +292,24 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--checkpoint", type=Path, help="default: the version MODEL_DIR serves")
     which.add_argument("--classes", help="class names separated by commas, for a new project")
+    which.add_argument("--project", help="the version that project's own lineage serves")
     p.set_defaults(func=cmd_label_config)
 
-    p = sub.add_parser("rollback", help="serve an earlier published version again")
-    p.add_argument("version")
+    p = sub.add_parser(
+        "rollback", help="serve an earlier published version again (its name says whose)"
+    )
+    p.add_argument("version", help="v3 (the shared model) or p12-v3 (project 12's)")
     p.set_defaults(func=cmd_rollback)
 
+    p = sub.add_parser(
+        "reset", help="a project's lineage serves nothing: its next training starts a new one"
+    )
+    p.add_argument("--project", required=True, help="the Label Studio project id")
+    p.add_argument("--reason", default="reset by abn reset", help="recorded in its registry")
+    p.set_defaults(func=cmd_reset)
+
     p = sub.add_parser("versions", help="list published versions and their lineage")
+    p.add_argument("--project", help="only that project's own versions")
     p.set_defaults(func=cmd_versions)
     return parser
 

@@ -6,7 +6,9 @@ without selecting the predicted region becomes a second brush result with the sa
 every brush result under the attention label is merged (pixel-wise maximum) before the map is
 averaged down to the model's map size. A result's ``origin`` says whether a human edited it: an
 annotation whose brushes all come unedited from the prediction is a confirmation; it is kept
-(its class label is still useful) but does not count as a correction.
+(its class label is still useful) but does not count as a correction. An annotation with a
+class and no brush (a new project's, before it has a model) is kept as a label alone: it is
+what a project's first model learns from.
 
 ``backend/store.py`` keeps them.
 """
@@ -45,7 +47,7 @@ class Correction:
     task_id: int
     image: str  # the task's image reference, as Label Studio gave it
     label: str | None  # the annotated class, if the annotation has one
-    target: np.ndarray  # (h, w) float32 in [0, 1]
+    target: np.ndarray | None  # (h, w) float32 in [0, 1]; None: a class label alone
     edited: bool  # a human changed the brush (False: an unedited prediction, a confirmation)
     model_version: str | None  # the version whose pre-annotation was edited
     updated_at: str | None = None
@@ -134,7 +136,8 @@ def correction_from_annotation(
     *,
     max_pixels: int | None = None,
 ) -> Correction | None:
-    """The target of one annotation, or None when it holds no attention brush.
+    """The target of one annotation; a label alone when it has a class but no attention brush;
+    None when it has neither.
 
     A brush over `max_pixels` (original_width * original_height) raises :class:`BrushTooLarge`
     before it is decoded.
@@ -146,9 +149,9 @@ def correction_from_annotation(
     if updated_at is not None and not isinstance(updated_at, str):
         raise CorrectionError("annotation.updated_at must be a string")
     brush = brush_alpha(results, targets, max_pixels)
-    if brush is None:
+    label = chosen_class(results, targets)
+    if brush is None and label is None:
         return None
-    alpha, edited = brush
     data = task.get("data")
     image = data.get(targets.data_key) if isinstance(data, dict) else None
     if not isinstance(image, str):
@@ -164,9 +167,9 @@ def correction_from_annotation(
         annotation_id=int(annotation["id"]),
         task_id=int(task["id"]),
         image=image,
-        label=chosen_class(results, targets),
-        target=alpha_to_map(alpha, map_size),
-        edited=edited,
+        label=label,
+        target=None if brush is None else alpha_to_map(brush[0], map_size),
+        edited=brush is not None and brush[1],
         model_version=next((v for v in reversed(versions) if v and isinstance(v, str)), None),
         updated_at=updated_at,
     )

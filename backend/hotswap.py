@@ -27,6 +27,7 @@ class RegistryWatcher:
         self.served = served
         self._seen: tuple[int, int] | None = None
         self.last_error: str | None = None
+        self.retired = False  # the registry serves nothing any more (a reset lineage)
 
     def check(self) -> bool:
         """Swap if the registry names another version; True when a swap happened."""
@@ -35,6 +36,7 @@ class RegistryWatcher:
             return False
         try:
             current = self.registry.current()
+            self.retired = current is None
             if current is None or current["version"] == self.served.version:
                 self._seen = stamp
                 return False

@@ -148,5 +148,5 @@ class TrainingQueue:
             shown = getattr(status, "value", str(status))
             if status == JobStatus.STARTED and not self.redis.exists(alive_key(project)):
                 shown = "lost"  # its worker died; the next request or flush replaces it
-            jobs.append({"id": job.id, "status": shown, **job.meta})
+            jobs.append({"id": job.id, "project": project, "status": shown, **job.meta})
         return {"queued": len(self.queue), "jobs": jobs}

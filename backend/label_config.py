@@ -5,7 +5,9 @@ What a project needs (``label_config/README.md`` for project managers):
 - an ``<Image>`` the predictions are drawn on;
 - a ``<BrushLabels>`` over that image with a label ``Attention``: the attention map arrives
   there as a graded brush the annotator edits;
-- a ``<Choices>`` over that image whose choices are exactly the model's classes;
+- a ``<Choices>`` over that image whose choices are exactly the model's classes (a project
+  with no model yet: the classes its first model will learn, in this order), plus, optionally,
+  a "none of these" choice (``ABN_OTHER_CHOICES``, default ``Other``) that teaches no class;
 - optionally a ``<TextArea>`` over that image (``top3`` in the generated config): the
   backend writes the top-3 classes with their probabilities into it, one line each.
 
@@ -97,12 +99,17 @@ def parse_config(config: str) -> LabelInterface:
         raise LabelConfigError(f"the label config is not valid XML: {exc}") from exc
 
 
-@functools.lru_cache(maxsize=64)
-def targets_for(config: str, classes: tuple[str, ...]) -> Targets:
-    """Check `config` against a model with `classes`; say where predictions go.
+@dataclass(frozen=True)
+class _Parts:
+    """The tags a prediction needs, found in a config (classes not checked yet)."""
 
-    Cached: Label Studio sends the same config with every /setup and /predict.
-    """
+    image: Any
+    brush: Any
+    choices: list[Any]  # the <Choices> over the image, in config order
+    top3: str | None
+
+
+def _parts(config: str) -> _Parts:
     li = parse_config(config)
     images = [o for o in list(li.objects or []) if o.tag.lower() == "image"]
     if not images:
@@ -133,22 +140,45 @@ def targets_for(config: str, classes: tuple[str, ...]) -> Targets:
             f'(toName="{images[0].name}")'
         )
     image = li.get_object(brush_images[0])
-
-    choices_all = [c for c in controls if c.tag.lower() == "choices"]
-    choices_here = [c for c in choices_all if image.name in c.to_name]
-    if not choices_here:
+    choices = [c for c in controls if c.tag.lower() == "choices" and image.name in c.to_name]
+    if not choices:
         raise LabelConfigError(
             f'the label config has no <Choices> tag over the image "{image.name}": add '
-            f'<Choices name="class" toName="{image.name}"> with one <Choice> per class '
-            f"({', '.join(classes)})"
+            f'<Choices name="class" toName="{image.name}"> with one <Choice> per class'
         )
+    top3 = next(
+        (c.name for c in controls if c.tag.lower() == "textarea" and image.name in c.to_name),
+        None,
+    )
+    return _Parts(image, brush, choices, top3)
+
+
+@functools.lru_cache(maxsize=64)
+def config_classes(config: str, other: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The classes a project's config names: its first <Choices> over the image, in config
+    order, without the choices in `other` ("none of these" answers, which are no class)."""
+    names = _label_names(_parts(config).choices[0])
+    classes = tuple(n for n in names if n not in other)
+    if len(set(classes)) != len(classes):
+        raise LabelConfigError(f"the <Choices> repeat a class: {', '.join(classes)}")
+    return classes
+
+
+@functools.lru_cache(maxsize=64)
+def targets_for(config: str, classes: tuple[str, ...], other: tuple[str, ...] = ()) -> Targets:
+    """Check `config` against a model with `classes`; say where predictions go.
+
+    Choices in `other` may sit beside the classes. Cached: Label Studio sends the same config
+    with every /setup and /predict.
+    """
+    parts = _parts(config)
     wanted = set(classes)
     best = None
     problems = []
-    for control in choices_here:
+    for control in parts.choices:
         have = _label_names(control)
         missing = [c for c in classes if c not in have]
-        extra = [c for c in have if c not in wanted]
+        extra = [c for c in have if c not in wanted and c not in other]
         if not missing and not extra:
             best = control
             break
@@ -162,27 +192,22 @@ def targets_for(config: str, classes: tuple[str, ...]) -> Targets:
         raise LabelConfigError(
             "; ".join(problems) + f" (the model's classes are: {', '.join(classes)})"
         )
-
-    top3 = next(
-        (c.name for c in controls if c.tag.lower() == "textarea" and image.name in c.to_name),
-        None,
-    )
-    value = image.value or ""
+    value = parts.image.value or ""
     return Targets(
-        image=image.name,
+        image=parts.image.name,
         data_key=value[1:] if value.startswith("$") else value,
-        brush=brush.name,
+        brush=parts.brush.name,
         label=ATTENTION_LABEL,
         choices=best.name,
-        top3=top3,
+        top3=parts.top3,
     )
 
 
-def check_config(config: str, classes: list[str]) -> Targets:
+def check_config(config: str, classes: list[str], other: tuple[str, ...] = ()) -> Targets:
     """What /setup calls: the targets, or a :class:`LabelConfigError` naming what is missing."""
     if not isinstance(config, str):
         raise LabelConfigError(f"the label config must be a string, got {type(config).__name__}")
-    return targets_for(config, tuple(classes))
+    return targets_for(config, tuple(classes), other)
 
 
 def _label_names(control: Any) -> list[str]:

@@ -2,9 +2,11 @@
 
 ::
 
-    MODEL_DIR/registry.json            the published versions and the current one
+    MODEL_DIR/registry.json            the shared model's versions (v1, v2, ...) and current one
     MODEL_DIR/registry.lock            serialises publications and rollbacks
     MODEL_DIR/versions/vN.pt           each version's checkpoint
+    MODEL_DIR/lineages/<project>/      one project's own model: registry.json, registry.lock and
+                                       versions/p<project>-vN.pt, laid out as above
     MODEL_DIR/corrections.sqlite3      corrections, which version predicted each task, requests
     MODEL_DIR/jobs/<project>.json      the last training job's outcome, per project
     MODEL_DIR/projects/<project>.json  the Label Studio host and token /setup sent (0600)
@@ -27,6 +29,14 @@ class ModelDirLayout:
     """The paths under one MODEL_DIR."""
 
     root: Path
+
+    def lineage(self, project: str) -> ModelDirLayout:
+        """The layout of one project's own model, under ``lineages/<project>``."""
+        return ModelDirLayout(self.lineages / project)
+
+    @property
+    def lineages(self) -> Path:
+        return self.root / "lineages"
 
     @property
     def registry_index(self) -> Path:

@@ -2,9 +2,9 @@
 
 One :class:`ServingLoop` per serving process: what that process runs of the human-in-the-loop.
 It owns the loop's store and the training queue behind ``/webhook``, and a maintenance thread
-that keeps the served model on the registry's current version (hot-swap) and hands waiting
-training requests to the queue (once Redis answers again, or once a dead job is gone). It never
-trains: the worker does (``backend/training.py``).
+that keeps every loaded model (the shared one and each project's) on its registry's current
+version (hot-swap) and hands waiting training requests to the queue (once Redis answers
+again, or once a dead job is gone). It never trains: the worker does (``backend/training.py``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from backend.hotswap import RegistryWatcher
 from backend.jobs import TrainingQueue
+from backend.project_models import ProjectModels
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
-from backend.serving import ServedModel
 from backend.settings import Settings
 from backend.store import LoopStore
 from backend.webhooks import WebhookHandler
@@ -33,15 +32,16 @@ FLUSH_EVERY = 2.0  # seconds between retries of training requests that wait for 
 class ServingLoop:
     """Store, queue, webhook handler and hot-swap of one serving process."""
 
-    def __init__(self, settings: Settings, served: ServedModel) -> None:
+    def __init__(self, settings: Settings, models: ProjectModels) -> None:
         self.settings = settings
+        self.models = models
         self.store = LoopStore(settings.layout.corrections_db)
-        self.registry = ModelRegistry(settings.model_dir)
         self.queue = (
             TrainingQueue(connect(settings.redis_url), self.store) if settings.redis_url else None
         )
-        self.webhooks = WebhookHandler(self.store, self.queue, served, settings.train_after)
-        self.watcher = RegistryWatcher(self.registry, served)
+        self.webhooks = WebhookHandler(
+            self.store, self.queue, models, settings.train_after, settings.train_first_after
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="abn-loop", daemon=True)
 
@@ -57,7 +57,7 @@ class ServingLoop:
         since_flush = 0.0
         while not self._stop.wait(self.settings.swap_interval):
             try:
-                self.watcher.check()
+                self.models.check()
                 since_flush += self.settings.swap_interval
                 if self.queue is not None and since_flush >= FLUSH_EVERY:
                     since_flush = 0.0
@@ -69,32 +69,43 @@ class ServingLoop:
                 log.exception("maintenance round failed")
 
     def rollback(self, version: str) -> dict[str, Any]:
-        """Make `version` current, and serve it from this process at once."""
-        record = self.registry.rollback(version)
-        self.watcher.check()
+        """Make `version` current in its lineage (its name says which), and serve it from this
+        process at once."""
+        record = ModelRegistry.of_version(self.settings.model_dir, version).rollback(version)
+        self.models.check()
         return record
 
-    def last_jobs(self) -> dict[str, Any]:
-        """The last result of each project's job, as the worker recorded it."""
+    def last_jobs(self, project: str | None = None) -> dict[str, Any]:
+        """The last result of each project's job (or of `project`'s), as the worker recorded it."""
         results = {}
         for path in sorted(self.settings.layout.jobs.glob("*.json")):
+            if project is not None and path.stem != project:
+                continue
             try:
                 results[path.stem] = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError):
                 continue
         return results
 
-    def status(self) -> dict[str, Any]:
+    def status(self, project: str | None = None) -> dict[str, Any]:
+        """The loop's state, all projects' or one project's."""
         queue: dict[str, Any] | None = None
         if self.queue is not None:
             try:
                 queue = self.queue.describe()
             except RedisError as exc:
                 queue = {"error": f"Redis unreachable: {exc}"}
+            if project is not None and "jobs" in queue:
+                queue["jobs"] = [j for j in queue["jobs"] if j.get("project") == project]
+        corrections = self.store.summary()
+        pending = [p for p, _ in self.store.pending_requests()]
+        if project is not None:
+            corrections = {p: c for p, c in corrections.items() if p == project}
+            pending = [p for p in pending if p == project]
         return {
             "queue": queue,
-            "pending_requests": [p for p, _ in self.store.pending_requests()],
-            "corrections": self.store.summary(),
-            "last_jobs": self.last_jobs(),
-            "swap_error": self.watcher.last_error,
+            "pending_requests": pending,
+            "corrections": corrections,
+            "last_jobs": self.last_jobs(project),
+            "swap_errors": self.models.swap_errors(),
         }

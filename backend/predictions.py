@@ -192,14 +192,12 @@ class TaskPredictor:
 
     def __init__(
         self,
-        served: ServedModel,
         loader: ImageLoader,
         metrics: Metrics,
         batch_size: int,
         brush_levels: int,
         fetch_threads: int = FETCH_THREADS,
     ) -> None:
-        self.served = served
         self.loader = loader
         self.metrics = metrics
         self.batch_size = max(1, batch_size)
@@ -253,7 +251,7 @@ class TaskPredictor:
             metrics.stage_latency.labels("fetch").observe(fetched - started)
             if not ready:
                 continue
-            predictions = self.served.predict([img.image for _, img in ready], snapshot=snap)
+            predictions = ServedModel.predict_with(snap, [img.image for _, img in ready])
             predicted = time.perf_counter()
             metrics.stage_latency.labels("model").observe(predicted - fetched)
             metrics.batch_latency.observe(predicted - fetched)

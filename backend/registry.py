@@ -1,9 +1,21 @@
 """Published model versions under MODEL_DIR: what is served, and where each version came from.
 
-Layout::
+Two kinds of lineage, each a registry of its own:
 
-    MODEL_DIR/versions/v1.pt, v2.pt, ...   checkpoints, each written atomically
-    MODEL_DIR/registry.json               {"current": "v2", "versions": [record, ...]}
+- the shared model (``v1``, ``v2``, ...): what ``--checkpoint`` or ``--demo`` publishes, served
+  to every project whose classes it has and that has no model of its own;
+- a project's own model (``p<project>-v1``, ...): the first version trained on its labelled
+  tasks, or the first round of its corrections (forked from the shared model), and every round
+  after. A round in one project never changes another's predictions.
+
+Version names are unique across lineages (Label Studio's ``GET /versions`` names no project),
+and only ever grow within one, a reset included, so Label Studio, seeing a new
+``model_version``, asks for fresh predictions.
+
+Layout of one lineage (``backend/layout.py`` has where each lives)::
+
+    versions/v1.pt, v2.pt, ...   checkpoints, each written atomically
+    registry.json               {"current": "v2", "versions": [record, ...]}
 
 The index is replaced atomically under a file lock, so every serving process (any number of
 gunicorn workers, any host that mounts MODEL_DIR) reads either the old index or the new one.
@@ -16,6 +28,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +38,7 @@ from typing import Any
 from torch import nn
 
 from backend.layout import ModelDirLayout
-from backend.settings import Settings, SettingsError
+from backend.settings import Settings
 from model.checkpoint import (
     CheckpointMeta,
     atomic_write,
@@ -40,6 +53,27 @@ class RegistryError(UserError, ValueError):
     """A version that does not exist, or a registry that cannot be read."""
 
 
+_PROJECT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # what ProjectConnections.project_key gives
+_VERSION = re.compile(r"^(?:p(?P<project>[A-Za-z0-9_-]{1,64})-)?v(?P<number>[0-9]+)$")
+
+
+def lineage_of(version: str) -> str | None:
+    """The project whose lineage a version name belongs to (None: the shared model's).
+
+    Raises :class:`RegistryError` for a name no registry gives.
+    """
+    match = _VERSION.match(version)
+    if match is None:
+        raise RegistryError(f"{version!r} is not a version name (v3, p12-v3)")
+    return match["project"]
+
+
+def version_number(version: str | None) -> int:
+    """The number of a version name, 0 for anything else (a plain checkpoint's digest name)."""
+    match = _VERSION.match(version or "")
+    return int(match["number"]) if match else 0
+
+
 def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
     """Readers see the old file or the new one, never a mix."""
     with atomic_write(path, "w") as f:
@@ -47,14 +81,37 @@ def write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
 
 
 class ModelRegistry:
-    """The versions of one deployment, kept as files so that no other service is needed."""
+    """The versions of one lineage, kept as files so that no other service is needed.
 
-    def __init__(self, model_dir: str | Path) -> None:
+    `project` None is the shared model; a project key is that project's own model.
+    """
+
+    def __init__(self, model_dir: str | Path, project: str | None = None) -> None:
+        if project is not None and not _PROJECT.match(project):
+            raise RegistryError(f"{project!r} is not a project key (letters, digits, _ and -)")
         self.root = Path(model_dir)
-        self.layout = ModelDirLayout(self.root)
+        self.project = project
+        top = ModelDirLayout(self.root)
+        self.layout = top if project is None else top.lineage(project)
         self.versions_dir = self.layout.versions
         self.index_path = self.layout.registry_index
         self.versions_dir.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def of_version(cls, model_dir: str | Path, version: str) -> ModelRegistry:
+        """The registry that names `version` (its name says which lineage)."""
+        return cls(model_dir, lineage_of(version))
+
+    @staticmethod
+    def projects(model_dir: str | Path) -> list[str]:
+        """The projects that have a lineage of their own."""
+        lineages = ModelDirLayout(Path(model_dir)).lineages
+        if not lineages.is_dir():
+            return []
+        return sorted(p.name for p in lineages.iterdir() if (p / "registry.json").is_file())
+
+    def version_name(self, number: int) -> str:
+        return f"v{number}" if self.project is None else f"p{self.project}-v{number}"
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -119,8 +176,12 @@ class ModelRegistry:
     ) -> dict[str, Any]:
         """:meth:`publish` for a caller that holds the lock."""
         index = self._read()
-        number = 1 + max((int(r["version"][1:]) for r in index["versions"]), default=0)
-        version = f"v{number}"
+        # A fork continues its parent's numbering: p3-v2 is the first round on shared v1.
+        number = 1 + max(
+            [version_number(r["version"]) for r in index["versions"]]
+            + [version_number(meta.get("parent_version"))]
+        )
+        version = self.version_name(number)
         path = self.checkpoint_path(version)
         save_checkpoint(path, model, meta.updated(version=version))
         entry = {
@@ -160,6 +221,20 @@ class ModelRegistry:
         model, meta = load_checkpoint(checkpoint)
         return self._publish(model, meta, {"source": str(checkpoint), **record})
 
+    def reset(self, reason: str) -> dict[str, Any] | None:
+        """Serve nothing from this lineage any more (its versions stay listed, and numbering
+        goes on): how a project whose classes changed starts a new lineage. Returns the record
+        that was current."""
+        with self._locked():
+            index = self._read()
+            old = self._record(index, index["current"]) if index["current"] else None
+            index["current"] = None
+            index.setdefault("resets", []).append(
+                {"at": time.time(), "reason": reason, "was": old and old["version"]}
+            )
+            write_json_atomically(self.index_path, index)
+            return old
+
     def rollback(self, version: str) -> dict[str, Any]:
         """Serve an earlier (or any published) version again; its checkpoint must still load."""
         with self._locked():
@@ -171,20 +246,27 @@ class ModelRegistry:
             return record
 
 
-def model_to_serve(settings: Settings) -> Path:
-    """The registry's current version if MODEL_DIR has published one, else the checkpoint.
-
-    ``--checkpoint`` (``ABN_CHECKPOINT``) is the model served while MODEL_DIR holds no
-    published version. (Following later publications while running is the hot-swap's job:
-    :meth:`ServedModel.swap`.)
-    """
+def shared_model_path(settings: Settings) -> Path | None:
+    """The shared model to serve: the registry's current version if MODEL_DIR has published
+    one, else ``--checkpoint`` (``ABN_CHECKPOINT``), else None (every project then needs a model
+    of its own). Following later publications while running is the hot-swap's job."""
     if settings.layout.registry_index.is_file():
         published = ModelRegistry(settings.model_dir).current_checkpoint()
         if published is not None:
             return published
-    if settings.checkpoint is None:
-        raise SettingsError(
-            f"no model to serve: {settings.model_dir} has no published version; "
-            "pass --checkpoint CKPT or set ABN_CHECKPOINT"
-        )
     return settings.checkpoint
+
+
+def all_versions(model_dir: str | Path) -> list[dict[str, Any]]:
+    """Every published version of every lineage, the shared model's first, each record with
+    ``current`` (whether its lineage serves it now)."""
+    registries = [ModelRegistry(model_dir)] + [
+        ModelRegistry(model_dir, p) for p in ModelRegistry.projects(model_dir)
+    ]
+    records = []
+    for registry in registries:
+        current = registry.current()
+        for record in registry.versions():
+            is_current = current is not None and record["version"] == current["version"]
+            records.append({**record, "current": is_current})
+    return records

@@ -1,16 +1,20 @@
 """The routes: the Label Studio ML protocol, plus status, versions, rollback and metrics.
 
-- ``GET /health``: JSON liveness with the served version (plain text fails the connection);
-- ``POST /setup``: checks the project's label config against the served model, remembers the
-  project's Label Studio host and token (for images), answers ``{"model_version"}``;
-- ``POST /predict``: one entry per task, in order; tasks go through the model in batches; a task
-  whose image fails gets an empty entry and the others are still predicted;
+- ``GET /health``: JSON liveness with the shared model's version (plain text fails the
+  connection);
+- ``POST /setup``: checks the project's label config against the project's model (its own, the
+  shared one, or none yet: ``backend/project_models.py``), remembers the project's Label Studio
+  host and token (for images) and its label config, answers ``{"model_version"}``;
+- ``POST /predict``: one entry per task, in order; tasks go through the project's model in
+  batches; a task whose image fails gets an empty entry and the others are still predicted; a
+  project with no model yet gets empty entries and a ``message`` that says why;
 - ``POST /webhook``: acknowledges every action; annotation events become stored corrections,
   ``START_TRAINING`` and enough new corrections queue a fine-tuning job (``backend/loop.py``);
 - ``POST /train``: what Label Studio calls when its START_TRAINING webhook is off (the
   "Start model training on annotation submission" toggle): the same as that webhook;
-- ``GET /versions`` (the published versions), ``POST /rollback`` (serve an earlier one),
-  ``GET /status`` (version, queue, job progress, last results), ``GET /metrics`` (Prometheus).
+- ``GET /versions`` (the published versions of every lineage; ``?project=`` one project's),
+  ``POST /rollback`` (serve an earlier one of its lineage), ``GET /status`` (versions, queue,
+  job progress, last results; ``?project=`` one project's), ``GET /metrics`` (Prometheus).
 
 Each route reads the process's services (``backend/services.py``) and only does I/O around
 them. Requests over a limit (``ABN_MAX_REQUEST_BYTES``, ``ABN_MAX_TASKS_PER_REQUEST``,
@@ -26,9 +30,11 @@ import time
 
 from flask import Blueprint, Response, jsonify, request
 
-from backend.label_config import LabelConfigError, check_config, default_targets
+from backend.label_config import LabelConfigError
 from backend.label_studio import HostRefused
-from backend.registry import RegistryError
+from backend.predictions import empty_prediction
+from backend.project_models import ProjectModel
+from backend.registry import RegistryError, all_versions, lineage_of
 from backend.request_io import (
     RequestError,
     check_body,
@@ -55,8 +61,19 @@ protocol = Blueprint("protocol", __name__)
 
 @protocol.get("/health")
 def health() -> Response:
+    shared = services().models.shared_model
+    return jsonify(status="UP", model_class="ABN", model_version=shared.version if shared else None)
+
+
+def resolve(project: object, config: str | None) -> ProjectModel | Response:
+    """The project's model for this request, or the 400 that says why the config is refused."""
     svc = services()
-    return jsonify(status="UP", model_class="ABN", model_version=svc.served.version)
+    key = svc.loader.connections.project_key(project)
+    try:
+        return svc.models.resolve(key, config)
+    except LabelConfigError as exc:
+        log.warning("label config of project %s refused: %s", key, exc)
+        return error_reply(400, f"label config refused: {exc}")
 
 
 @protocol.post("/setup")
@@ -67,12 +84,9 @@ def setup() -> Response:
     project = body.get("project")
     hostname = body.get("hostname")
     token = body.get("access_token")
-    snap = svc.served.snapshot  # one read: the classes checked are the version answered
-    try:
-        check_config(schema, snap.classes)
-    except LabelConfigError as exc:
-        log.warning("setup refused for project %s: %s", project, exc)
-        return error_reply(400, f"label config refused: {exc}")
+    resolved = resolve(project, schema)
+    if isinstance(resolved, Response):
+        return resolved
     if hostname:
         try:
             svc.loader.connections.remember(
@@ -81,12 +95,17 @@ def setup() -> Response:
         except HostRefused as exc:  # the message names the setting
             log.warning("setup refused for project %s: %s", project, exc)
             return error_reply(exc.status, str(exc))
+    key = svc.loader.connections.project_key(project)
+    if key is not None:
+        svc.loop.store.remember_label_config(key, schema)
     if svc.webhook_auth is not None:
         conn = svc.loader.connection_for(project)
-        key = svc.loader.connections.project_key(project)
         if conn is not None and conn.token and key and key.isdigit():
             svc.webhook_auth.ensure(conn, key, request.url_root.rstrip("/") + "/webhook")
-    return jsonify(model_version=snap.version)
+    if resolved.reason:
+        log.info("/setup: %s", resolved.reason)
+        return jsonify(model_version=resolved.version, message=resolved.reason)
+    return jsonify(model_version=resolved.version)
 
 
 @protocol.post("/predict")
@@ -102,18 +121,19 @@ def predict() -> Response:
         log.warning("/predict refused: %s", message)
         return error_reply(413, message)
     check_body(PredictBody, body)
-    label_config = body.get("label_config")
     project = body.get("project")
-    snap = svc.served.snapshot
-    try:
-        targets = (
-            check_config(label_config, snap.classes)
-            if label_config
-            else default_targets(snap.classes)
+    resolved = resolve(project, body.get("label_config"))
+    if isinstance(resolved, Response):
+        return resolved
+    snap = resolved.snapshot
+    if snap is None or resolved.targets is None:
+        log.info("/predict: %d task(s) left empty: %s", len(tasks), resolved.reason)
+        return jsonify(
+            results=[empty_prediction(resolved.version) for _ in tasks],
+            model_version=resolved.version,
+            message=resolved.reason,
         )
-    except LabelConfigError as exc:
-        return error_reply(400, f"label config refused: {exc}")
-    results = svc.predictor.predict(tasks, targets, snap, project)
+    results = svc.predictor.predict(tasks, resolved.targets, snap, project)
     key = svc.loader.connections.project_key(project)
     predicted = [t.get("id") for t, r in zip(tasks, results, strict=True) if r["result"]]
     if key and predicted and all(isinstance(t, int) for t in predicted):
@@ -144,20 +164,40 @@ def webhook() -> Response:
 @protocol.post("/train")
 def train() -> Response:
     svc = services()
-    project = svc.loader.connections.project_key(parse_body(TrainBody)["project"])
+    body = parse_body(TrainBody)
+    project = svc.loader.connections.project_key(body["project"])
     if project is None:
         raise RequestError("field 'project' must name a project")
-    reply = svc.loop.webhooks.handle({"action": "START_TRAINING", "project": {"id": project}})
+    event = {"id": project, "label_config": body.get("label_config")}
+    reply = svc.loop.webhooks.handle({"action": "START_TRAINING", "project": event})
     log.info("POST /train for project %s: %s", project, reply.get("training"))
     return jsonify(status="ok", **reply)
+
+
+def project_arg() -> str | None:
+    """``?project=`` as a project key (``12`` or ``12.1700000000``), or None."""
+    raw = request.args.get("project")
+    if raw is None:
+        return None
+    key = services().loader.connections.project_key(raw)
+    if key is None:
+        raise RequestError("query parameter 'project' must name a project")
+    return key
 
 
 @protocol.get("/versions")
 def versions() -> Response:
     svc = services()
-    records = svc.loop.registry.versions()
-    names = [r["version"] for r in records] or [svc.served.version]
-    return jsonify(versions=names, current=svc.served.version, records=svc.paths.scrub(records))
+    project = project_arg()
+    records = all_versions(svc.settings.model_dir)
+    if project is not None:
+        records = [r for r in records if lineage_of(r["version"]) == project]
+    shared = svc.models.shared_model
+    current = svc.models.resolve(project, None).version if project else (shared and shared.version)
+    names = [r["version"] for r in records]
+    if not records and shared is not None and project is None:
+        names = [shared.version]  # a plain --checkpoint, not published
+    return jsonify(versions=names, current=current, records=svc.paths.scrub(records))
 
 
 @protocol.post("/rollback")
@@ -170,25 +210,51 @@ def rollback() -> Response:
         return error_reply(404, svc.paths.scrub(str(exc)))
     except CheckpointError as exc:
         return error_reply(409, f"cannot roll back to {version}: {svc.paths.scrub(str(exc))}")
-    return jsonify(status="ok", version=record["version"], serving=svc.served.version)
+    return jsonify(status="ok", version=record["version"], serving=serving_version(version))
+
+
+def serving_version(version: str) -> str | None:
+    """What this process serves now in the lineage of `version`."""
+    models = services().models
+    project = lineage_of(version)
+    if project is not None:
+        return models.resolve(project, None).version
+    return models.shared_model.version if models.shared_model else None
 
 
 @protocol.get("/status")
 def status() -> Response:
     svc = services()
-    return jsonify(
-        svc.paths.scrub(
-            dict(
-                status="UP",
-                model_version=svc.served.version,
-                model=svc.served.info(),
-                pid=os.getpid(),
-                uptime_s=round(time.time() - svc.started_at, 1),
-                auth=svc.settings.auth_enabled,
-                **svc.loop.status(),
-            )
-        )
+    project = project_arg()
+    shared = svc.models.shared_model
+    reply = dict(
+        status="UP",
+        model_version=shared.version if shared else None,
+        model=svc.models.info(),
+        pid=os.getpid(),
+        uptime_s=round(time.time() - svc.started_at, 1),
+        auth=svc.settings.auth_enabled,
+        project_models=svc.models.loaded(),
     )
+    if project is not None:
+        reply["project"] = project_status(project)
+    return jsonify(svc.paths.scrub({**reply, **svc.loop.status(project)}))
+
+
+def project_status(project: str) -> dict[str, object]:
+    """What serves `project` now, as /status shows it."""
+    svc = services()
+    try:
+        resolved = svc.models.resolve(project, svc.loop.store.label_config(project))
+    except LabelConfigError as exc:
+        return {"id": project, "model_version": None, "reason": f"label config refused: {exc}"}
+    return {
+        "id": project,
+        "model_version": resolved.version,
+        "own_model": resolved.own,
+        "classes": resolved.snapshot.classes if resolved.snapshot else None,
+        "reason": resolved.reason,
+    }
 
 
 @protocol.get("/metrics")

@@ -20,15 +20,16 @@ from gunicorn.app.base import BaseApplication
 
 from backend import prometheus
 from backend.isolation import run_in_fresh_process
-from backend.registry import ModelRegistry, model_to_serve
+from backend.registry import ModelRegistry, shared_model_path
 from backend.settings import Settings, SettingsError
 from model.checkpoint import read_checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def prepare_to_serve(settings: Settings) -> Path:
-    """Publish the checkpoint on a first start, and check the model to serve, once.
+def prepare_to_serve(settings: Settings) -> Path | None:
+    """Publish the checkpoint on a first start, and check the shared model to serve, once
+    (None: there is none; each project then trains its own).
 
     Run by :func:`serve` in a fresh process before gunicorn forks; failing here, once, is
     clearer than failing in every worker.
@@ -37,7 +38,9 @@ def prepare_to_serve(settings: Settings) -> Path:
         record, published = ModelRegistry(settings.model_dir).publish_initial(settings.checkpoint)
         if published:
             log.info("published %s as %s", settings.checkpoint, record["version"])
-    source = model_to_serve(settings)
+    source = shared_model_path(settings)
+    if source is None:
+        return None
     meta, _ = read_checkpoint(source)
     if meta.get("kind") != "abn":
         raise SettingsError(f"{source} is a {meta.get('kind')!r} checkpoint; serving needs an ABN")
@@ -111,5 +114,10 @@ def serve(
 
             return create_app(settings)
 
-    log.info("serving %s on %s with %d worker(s)", source, bind, workers)
+    log.info(
+        "serving %s on %s with %d worker(s)",
+        source or "no shared model (each project trains its own)",
+        bind,
+        workers,
+    )
     _Application().run()

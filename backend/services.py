@@ -11,18 +11,18 @@ from backend.images import ImageLoader
 from backend.label_studio import WebhookAuthorizer
 from backend.loop import ServingLoop
 from backend.predictions import TaskPredictor
+from backend.project_models import ProjectModels
 from backend.prometheus import Metrics
 from backend.request_io import PathScrubber
-from backend.serving import ServedModel
 from backend.settings import Settings
 
 
 @dataclass
 class BackendServices:
-    """The served model, the image loader, the loop and the metrics of one process."""
+    """The served models, the image loader, the loop and the metrics of one process."""
 
     settings: Settings
-    served: ServedModel
+    models: ProjectModels
     loader: ImageLoader
     metrics: Metrics
     predictor: TaskPredictor

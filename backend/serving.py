@@ -86,7 +86,14 @@ def checkpoint_version(path: str | Path, meta: CheckpointMeta) -> str:
 
 
 class ServedModel:
-    """Holds the current snapshot and turns images into :class:`Prediction` objects."""
+    """Holds the current snapshot and turns images into :class:`Prediction` objects.
+
+    Every ServedModel of a process (one per project model) shares the one inference thread.
+    """
+
+    _executor: ThreadPoolExecutor | None = None
+    _executor_pid = -1
+    _executor_lock = threading.Lock()
 
     def __init__(
         self,
@@ -100,9 +107,6 @@ class ServedModel:
     ) -> None:
         self.batch_size = batch_size
         self._snapshot = self._make_snapshot(version, model, meta, torch.device(device), source)
-        self._executor: ThreadPoolExecutor | None = None
-        self._executor_pid = -1
-        self._executor_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(
@@ -211,6 +215,11 @@ class ServedModel:
             out.extend(self.run_inference(lambda b=batch: self._predict_batch(b, snap)))
         return out
 
+    @classmethod
+    def predict_with(cls, snap: Snapshot, images: Sequence[Image.Image]) -> list[Prediction]:
+        """One batch through `snap`, on the process's inference thread (any project's model)."""
+        return cls._inference_executor().submit(cls._predict_batch, images, snap).result()
+
     @staticmethod
     def _predict_batch(images: Sequence[Image.Image], snap: Snapshot) -> list[Prediction]:
         """Runs on the inference thread; returns plain Python and numpy values only."""
@@ -245,16 +254,18 @@ class ServedModel:
         """Run `fn` on this process's inference thread and wait for its result."""
         return self._inference_executor().submit(fn).result()
 
-    def _inference_executor(self) -> ThreadPoolExecutor:
+    @classmethod
+    def _inference_executor(cls) -> ThreadPoolExecutor:
         # Made lazily and per process id: a thread does not survive a fork, so a gunicorn
         # worker forked from a parent that already had one makes its own.
         pid = os.getpid()
-        if self._executor is None or self._executor_pid != pid:
-            with self._executor_lock:
-                if self._executor is None or self._executor_pid != pid:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="abn-inference")
-                    self._executor_pid = pid
-        return self._executor
+        if cls._executor is None or cls._executor_pid != pid:
+            with cls._executor_lock:
+                if cls._executor is None or cls._executor_pid != pid:
+                    executor = ThreadPoolExecutor(1, thread_name_prefix="abn-inference")
+                    ServedModel._executor, ServedModel._executor_pid = executor, pid
+        assert cls._executor is not None
+        return cls._executor
 
     def info(self) -> dict[str, Any]:
         """What /status says about the served model."""

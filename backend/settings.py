@@ -93,6 +93,18 @@ class Settings:
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
     swap_interval: float = 0.5  # ABN_SWAP_INTERVAL: seconds between registry polls
 
+    # Projects and their first models (docs/projects.md).
+    max_project_models: int = 8  # ABN_MAX_PROJECT_MODELS: project models loaded per process
+    other_choices: tuple[str, ...] = ("Other",)  # ABN_OTHER_CHOICES: choices that are no class
+    # ABN_TRAIN_FIRST_AFTER: labelled tasks that start a project's first model by themselves
+    # (0: only Start Training / POST /train does).
+    train_first_after: int = 0
+    pretrained: str | None = None  # ABN_PRETRAINED: torchvision weight name or local file
+    first_arch: str = "resnet18"  # ABN_FIRST_ARCH
+    first_image_size: int = 224  # ABN_FIRST_IMAGE_SIZE
+    first_epochs: int = 30  # ABN_FIRST_EPOCHS: at most this many epochs...
+    first_time_budget: float = 180.0  # ABN_FIRST_TIME_BUDGET: ...and about this many seconds
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read the settings from `env` (default: ``os.environ``); unset or empty means default."""
@@ -158,6 +170,24 @@ class Settings:
                 env, "ABN_GATE_MAP_MARGIN", defaults.gate_map_margin, positive=False
             ),
             swap_interval=_float(env, "ABN_SWAP_INTERVAL", defaults.swap_interval),
+            max_project_models=_int(
+                env, "ABN_MAX_PROJECT_MODELS", defaults.max_project_models, 1, 10_000
+            ),
+            other_choices=tuple(
+                c.strip()
+                for c in (env.get("ABN_OTHER_CHOICES") or ",".join(defaults.other_choices)).split(
+                    ","
+                )
+                if c.strip()
+            ),
+            train_first_after=_int(
+                env, "ABN_TRAIN_FIRST_AFTER", defaults.train_first_after, 0, 10**9
+            ),
+            pretrained=get("ABN_PRETRAINED"),
+            first_arch=get("ABN_FIRST_ARCH") or defaults.first_arch,
+            first_image_size=_int(env, "ABN_FIRST_IMAGE_SIZE", defaults.first_image_size, 32, 4096),
+            first_epochs=_int(env, "ABN_FIRST_EPOCHS", defaults.first_epochs, 1, 10**6),
+            first_time_budget=_float(env, "ABN_FIRST_TIME_BUDGET", defaults.first_time_budget),
         )
         settings.check()
         return settings
@@ -175,6 +205,11 @@ class Settings:
         if not 0 <= self.holdout_fraction < 1:
             raise SettingsError(
                 f"ABN_HOLDOUT_FRACTION must be in [0, 1), got {self.holdout_fraction}"
+            )
+        if self.first_image_size % 16:
+            raise SettingsError(
+                "ABN_FIRST_IMAGE_SIZE must be a multiple of 16 (the trunk's stride), "
+                f"got {self.first_image_size}"
             )
         if self.train_device not in ("auto", "cpu", "cuda"):
             raise SettingsError(

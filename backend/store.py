@@ -1,9 +1,11 @@
 """The loop's durable state: SQLite in MODEL_DIR (``corrections.sqlite3``).
 
-Three tables: the corrections (one row per annotation, its map-sized target as a blob, kept as
-a tombstone once deleted), which version pre-annotated each task (webhooks do not carry it), and
-the training requests that wait for Redis. Durable across restarts (WAL, synchronous writes),
-transactional, and independent of Redis, so corrections keep arriving while Redis is down.
+Four tables: the corrections (one row per annotation, its map-sized target as a blob or none
+for a class label alone, kept as a tombstone once deleted), which version pre-annotated each
+task (webhooks do not carry it), the training requests that wait for Redis, and each project's
+label config as last seen (its classes are what a first model learns). Durable across
+restarts (WAL, synchronous writes), transactional, and independent of Redis, so corrections
+keep arriving while Redis is down.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ CREATE TABLE IF NOT EXISTS training_requests (
     requested_at REAL NOT NULL,
     reason TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS label_configs (
+    project TEXT PRIMARY KEY,
+    label_config TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
 """
 
 
@@ -92,7 +99,8 @@ class LoopStore:
         An older update arriving after a newer one (webhooks race) is ignored, and so is any
         event for an annotation that was deleted: Label Studio never reuses annotation ids.
         """
-        target = np.ascontiguousarray(c.target, dtype=np.float32)
+        target = None if c.target is None else np.ascontiguousarray(c.target, dtype=np.float32)
+        blob = None if target is None else target.tobytes()
         with self._connect() as db:
             row = db.execute(
                 "SELECT updated_at, deleted, target, label, edited FROM corrections "
@@ -108,11 +116,7 @@ class LoopStore:
                 )
                 if deleted or newer_stored:
                     return False
-                if (old_target, old_label, bool(old_edited)) == (
-                    target.tobytes(),
-                    c.label,
-                    c.edited,
-                ):
+                if (old_target, old_label, bool(old_edited)) == (blob, c.label, c.edited):
                     return False
             db.execute(
                 "INSERT OR REPLACE INTO corrections (project, annotation_id, task_id, image, "
@@ -124,8 +128,8 @@ class LoopStore:
                     c.task_id,
                     c.image,
                     c.label,
-                    target.tobytes(),
-                    target.shape[0],
+                    blob,
+                    None if target is None else target.shape[0],
                     int(c.edited),
                     c.model_version,
                     c.updated_at,
@@ -175,12 +179,20 @@ class LoopStore:
         return removed
 
     def corrections(self, project: str) -> list[Correction]:
-        """The live corrections and confirmations of a project, oldest first."""
+        """The live corrections and confirmations of a project (annotations with a brush),
+        oldest first."""
+        return self._annotations(project, "AND target IS NOT NULL")
+
+    def labelled(self, project: str) -> list[Correction]:
+        """Every live annotation of a project that names a class, with a brush or not."""
+        return self._annotations(project, "AND label IS NOT NULL")
+
+    def _annotations(self, project: str, condition: str) -> list[Correction]:
         with self._connect() as db:
             rows = db.execute(
                 "SELECT annotation_id, task_id, image, label, target, map_size, edited, "
                 "model_version, updated_at FROM corrections WHERE project = ? AND deleted = 0 "
-                "ORDER BY stored_at",
+                f"{condition} ORDER BY stored_at",
                 (project,),
             ).fetchall()
         return [
@@ -190,7 +202,9 @@ class LoopStore:
                 task_id=tid,
                 image=image,
                 label=label,
-                target=np.frombuffer(blob, dtype=np.float32).reshape(size, -1).copy(),
+                target=None
+                if blob is None
+                else np.frombuffer(blob, dtype=np.float32).reshape(size, -1).copy(),
                 edited=bool(edited),
                 model_version=version,
                 updated_at=updated,
@@ -231,15 +245,52 @@ class LoopStore:
         with self._connect() as db:
             db.execute("DELETE FROM training_requests WHERE project = ?", (project,))
 
+    def labelled_count(self, project: str) -> int:
+        """Live annotations of a project that name a class."""
+        with self._connect() as db:
+            (count,) = db.execute(
+                "SELECT COUNT(*) FROM corrections WHERE project = ? AND deleted = 0 "
+                "AND label IS NOT NULL",
+                (project,),
+            ).fetchone()
+        return count
+
+    def remember_label_config(self, project: str, config: str) -> None:
+        """Keep the project's label config as last seen (written only when it changed)."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT label_config FROM label_configs WHERE project = ?", (project,)
+            ).fetchone()
+            if row is None or row[0] != config:
+                db.execute(
+                    "INSERT OR REPLACE INTO label_configs VALUES (?, ?, ?)",
+                    (project, config, time.time()),
+                )
+
+    def label_config(self, project: str) -> str | None:
+        row = (
+            self._db()
+            .execute("SELECT label_config FROM label_configs WHERE project = ?", (project,))
+            .fetchone()
+        )
+        return row[0] if row else None
+
     def summary(self) -> dict[str, Any]:
         """Counts per project, for /status."""
         with self._connect() as db:
             rows = db.execute(
-                "SELECT project, SUM(edited), SUM(1 - edited), "
-                "SUM(CASE WHEN edited = 1 AND trained_in IS NULL THEN 1 ELSE 0 END) "
+                "SELECT project, SUM(edited), "
+                "SUM(CASE WHEN edited = 0 AND target IS NOT NULL THEN 1 ELSE 0 END), "
+                "SUM(CASE WHEN edited = 1 AND trained_in IS NULL THEN 1 ELSE 0 END), "
+                "SUM(CASE WHEN label IS NOT NULL THEN 1 ELSE 0 END) "
                 "FROM corrections WHERE deleted = 0 GROUP BY project"
             ).fetchall()
         return {
-            p: {"corrections": int(e or 0), "confirmations": int(c or 0), "untrained": int(u or 0)}
-            for p, e, c, u in rows
+            p: {
+                "corrections": int(e or 0),
+                "confirmations": int(c or 0),
+                "untrained": int(u or 0),
+                "labelled": int(n or 0),
+            }
+            for p, e, c, u, n in rows
         }

@@ -1,10 +1,16 @@
-"""The fine-tuning job an RQ worker runs: corrections in, a gated new version out.
+"""The training job an RQ worker runs for one project: a first model, or a gated round.
 
-This is the I/O around one round (``model/round.py`` holds its machine learning): take the
-project's corrections and confirmations from the store, fetch their images, hand them to
-:func:`model.round.run_round`, then publish the new version with its lineage (atomically), or
-leave the served model untouched and record why. Progress goes to the RQ job's meta, which
-``/status`` shows.
+This is the I/O around the machine learning of ``model/``:
+
+- a project with a model of its own: a round (``model/round.py``) on its corrections and
+  confirmations fine-tunes that model, and the new version is published in its lineage when
+  the gate accepts it, or the served model is left untouched and the job records why;
+- a project served the shared model: the same round, starting from the shared model, and the
+  new version is the first of the project's own lineage (the shared model never changes);
+- a project with no model: its first version (``model/first_model.py``), trained on the
+  tasks annotators gave a class, with the classes of its label config, in config order.
+
+Progress goes to the RQ job's meta, which ``/status`` shows.
 """
 
 from __future__ import annotations
@@ -24,14 +30,22 @@ from rq import get_current_job
 from backend.corrections import Correction
 from backend.images import ImageFetchError, ImageLoader
 from backend.jobs import HEARTBEAT_TTL, TrainingQueue
+from backend.label_config import LabelConfigError, check_config, config_classes
 from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import LoopStore
 from model.checkpoint import CheckpointMeta, atomic_write, load_checkpoint
+from model.errors import UserError
+from model.first_model import FirstModelConfig, LabelledImages, train_first_model
 from model.maps import map_size_for
 from model.round import Examples, GateMargins, run_round
 from model.train import TrainConfig
+
+
+class TrainingRefused(UserError, RuntimeError):
+    """A job that cannot train anything; the message says what the project needs."""
+
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +57,36 @@ def report_progress(**fields: Any) -> None:
         job.save_meta()
 
 
-def load_examples(
-    corrections: list[Correction], loader: ImageLoader, meta: CheckpointMeta
-) -> tuple[list[Correction], torch.Tensor]:
-    """The corrections whose images could be fetched, and those images as model inputs."""
-    transform = meta.transform()
-    kept, tensors = [], []
-    for c in corrections:
+def fetch_images(
+    annotations: list[Correction], loader: ImageLoader, size: int
+) -> tuple[list[Correction], list[Any], dict[str, int]]:
+    """The annotations whose images could be fetched and decoded, those images (about `size`
+    pixels a side, RGB), and how many were skipped for each reason."""
+    kept, images = [], []
+    skipped: dict[str, int] = {}
+    for i, c in enumerate(annotations):
         try:
-            loaded = loader.load(
-                c.image, project=c.project, task_id=c.task_id, size=meta.image_size
-            )
+            loaded = loader.load(c.image, project=c.project, task_id=c.task_id, size=size)
         except ImageFetchError as exc:
             log.warning("annotation %s: image skipped (%s)", c.annotation_id, exc)
+            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
             continue
         kept.append(c)
-        tensors.append(transform(loaded.image.convert("RGB")))
-    return kept, torch.stack(tensors) if tensors else torch.empty(0)
+        images.append(loaded.image.convert("RGB"))
+        if i % 10 == 9:
+            report_progress(fetched=len(kept), skipped_images=skipped)
+    return kept, images, skipped
+
+
+def load_examples(
+    corrections: list[Correction], loader: ImageLoader, meta: CheckpointMeta
+) -> tuple[list[Correction], torch.Tensor, dict[str, int]]:
+    """The corrections whose images could be fetched, those images as model inputs, and the
+    skipped images by reason."""
+    transform = meta.transform()
+    kept, images, skipped = fetch_images(corrections, loader, meta.image_size)
+    tensors = [transform(image) for image in images]
+    return kept, torch.stack(tensors) if tensors else torch.empty(0), skipped
 
 
 def labels_for(corrections: list[Correction], classes: list[str]) -> torch.Tensor:
@@ -68,22 +95,136 @@ def labels_for(corrections: list[Correction], classes: list[str]) -> torch.Tenso
     return torch.tensor([index.get(c.label, -1) if c.label else -1 for c in corrections])
 
 
+def project_classes(store: LoopStore, project: str, settings: Settings) -> tuple[str, ...]:
+    """The classes of the project's label config as last seen (by /setup or a webhook)."""
+    config = store.label_config(project)
+    if config is None:
+        raise TrainingRefused(
+            f"project {project}: no label config seen yet; connect the project to the backend "
+            "(Settings > Model) so that /setup sends it"
+        )
+    return config_classes(config, settings.other_choices)
+
+
 def train_project(project: str, settings: Settings, reason: str = "") -> dict[str, Any]:
-    """Run one round for `project`; returns the record written to MODEL_DIR/jobs."""
-    registry = ModelRegistry(settings.model_dir)
+    """Train `project`'s next version; returns the record written to MODEL_DIR/jobs."""
     store = LoopStore(settings.layout.corrections_db)
+    own = ModelRegistry(settings.model_dir, project)
+    current = own.current()
+    if current is not None:
+        return run_project_round(project, settings, store, own, current, reason)
+    shared = ModelRegistry(settings.model_dir)
+    start = shared.current()
+    config = store.label_config(project)
+    if start is not None and config is not None:
+        try:
+            check_config(config, start["classes"], settings.other_choices)
+        except LabelConfigError:
+            start = None  # the shared model has other classes: the project needs its own
+    if start is not None:
+        return run_project_round(project, settings, store, shared, start, reason, publish_in=own)
+    classes = project_classes(store, project, settings)
+    return train_project_first_model(project, settings, store, own, classes, reason)
+
+
+def train_project_first_model(
+    project: str,
+    settings: Settings,
+    store: LoopStore,
+    registry: ModelRegistry,
+    classes: tuple[str, ...],
+    reason: str,
+) -> dict[str, Any]:
+    """The project's first version, from the tasks annotators gave one of its classes."""
+    index = {name: i for i, name in enumerate(classes)}
+    labelled = [a for a in store.labelled(project) if a.label in index]
+    report_progress(stage="fetching images", project=project, labelled=len(labelled))
+    kept, images, skipped = fetch_images(labelled, ImageLoader(settings), settings.first_image_size)
+    data = LabelledImages(
+        images=images,
+        labels=[index[a.label] for a in kept if a.label is not None],
+        keys=[a.task_id for a in kept],
+        classes=list(classes),
+    )
+    config = FirstModelConfig(
+        arch=settings.first_arch,
+        image_size=settings.first_image_size,
+        epochs=settings.first_epochs,
+        time_budget_s=settings.first_time_budget,
+        batch_size=settings.finetune_batch_size,
+        validation_fraction=settings.holdout_fraction,
+        pretrained=settings.pretrained,
+        device=settings.train_device,
+    )
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        report_progress(
+            stage="training the first model",
+            epoch=row["epoch"],
+            epochs=config.epochs,
+            loss=row["loss"],
+            validation_accuracy=row["val_acc"],
+            seconds=round(row["s"], 1),
+            time_budget_s=config.time_budget_s,
+        )
+
+    report_progress(
+        stage="training the first model", images=len(kept), skipped_images=skipped, epoch=0
+    )
+    model, meta, report = train_first_model(data, config, progress=on_epoch)
+    ids = [a.annotation_id for a in kept]
+    published = registry.publish(
+        model,
+        meta,
+        project=project,
+        reason=f"first model ({reason})" if reason else "first model",
+        annotation_ids=ids,
+        first_model=report.to_dict(),
+        skipped_images=skipped,
+    )
+    log.info(
+        "project %s: published its first model %s (validation accuracy %s, %d images, %s)",
+        project,
+        published["version"],
+        report.validation_accuracy,
+        len(kept),
+        report.stopped_by,
+    )
+    return {
+        "project": project,
+        "reason": reason,
+        "status": "published",
+        "version": published["version"],
+        "first_model": {k: v for k, v in report.to_dict().items() if k != "history"},
+        "skipped_images": skipped,
+        "finished_at": time.time(),
+    }
+
+
+def run_project_round(
+    project: str,
+    settings: Settings,
+    store: LoopStore,
+    registry: ModelRegistry,
+    current: dict[str, Any],
+    reason: str,
+    publish_in: ModelRegistry | None = None,
+) -> dict[str, Any]:
+    """A gated round on `current` of `registry`; the new version goes to `publish_in` (default:
+    the same lineage; the shared model's rounds go to the project's own)."""
     device = str(TrainConfig(device=settings.train_device).torch_device())
-    current = registry.current()
-    if current is None:
-        raise RuntimeError("no published model to fine-tune: start the backend once first")
     model, meta = load_checkpoint(registry.checkpoint_path(current["version"]), device=device)
     meta = meta.updated(parent_version=current["version"])
     side = map_size_for(meta.image_size)
     corrections = [c for c in store.corrections(project) if c.target.shape == (side, side)]
     report_progress(stage="fetching images", project=project, corrections=len(corrections))
-    kept, images = load_examples(corrections, ImageLoader(settings), meta)
+    kept, images, skipped = load_examples(corrections, ImageLoader(settings), meta)
     if not kept:
-        raise RuntimeError(f"project {project}: no correction with a readable image")
+        raise TrainingRefused(
+            f"project {project}: no correction with a readable image"
+            + (f" ({', '.join(f'{n} {r}' for r, n in skipped.items())} skipped)" if skipped else "")
+            + "; edit the attention brush of some tasks and submit them"
+        )
     examples = Examples(
         images=images,
         labels=labels_for(kept, meta.classes),
@@ -124,16 +265,18 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
         "held_out_annotation_ids": [kept[i].annotation_id for i in outcome.held_out],
         "gate": gate_record,
         "settings": outcome.meta["settings"],
+        "skipped_images": skipped,
         "finished_at": time.time(),
     }
     if not outcome.accepted:
         record.update(status="rejected", reasons=outcome.refusals)
         log.warning("project %s: new model not published: %s", project, "; ".join(outcome.refusals))
         return record
-    published = registry.publish(
+    published = (publish_in or registry).publish(
         outcome.model,
         outcome.meta,
         project=project,
+        reason=reason,
         annotation_ids=trained_ids,
         gate=gate_record,
         settings=outcome.meta["settings"],

@@ -14,11 +14,11 @@ from typing import Any
 
 from backend.corrections import CorrectionError, correction_from_annotation
 from backend.jobs import TrainingQueue
-from backend.label_config import LabelConfigError, default_targets, targets_for
+from backend.label_config import LabelConfigError
+from backend.label_studio import ProjectConnections
+from backend.project_models import ProjectModels
 from backend.schemas import MAX_ID
-from backend.serving import ServedModel
 from backend.store import LoopStore
-from model.maps import map_size_for
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class WebhookError(ValueError):
 class WebhookHandler:
     store: LoopStore
     queue: TrainingQueue | None  # None: no Redis configured; requests wait in the store
-    served: ServedModel  # targets take the served model's classes and map size
-    train_after: int
+    models: ProjectModels  # targets take the project model's classes and map size
+    train_after: int  # new edited corrections that start a round
+    train_first_after: int = 0  # labelled tasks that start a first model (0: never by count)
 
     def handle(self, payload: Any, *, brush_max_pixels: int | None = None) -> dict[str, Any]:
         """Act on one event; returns the JSON acknowledgement.
@@ -56,8 +57,26 @@ class WebhookHandler:
             return self._deleted(payload)
         if action == "START_TRAINING":
             project = project_id(payload)
+            self._remember_config(project, payload)
             return {"action": action, "training": self._request(project, "START_TRAINING")}
+        if action == "PROJECT_DELETED":
+            project = project_id(payload)
+            self.store.clear_request(project)  # its tasks are gone: nothing left to train on
+            log.info(
+                "project %s was deleted in Label Studio; its models stay in MODEL_DIR", project
+            )
+            return {"action": action, "forgotten": True}
         return {"action": action, "ignored": True}
+
+    def _remember_config(self, project: str, payload: dict[str, Any]) -> str | None:
+        """The event's label config, kept for the worker (a first model learns its classes)."""
+        ref = payload.get("project")
+        config = ref.get("label_config") if isinstance(ref, dict) else None
+        if config is not None and not isinstance(config, str):
+            raise WebhookError("project.label_config must be a string")
+        if config:
+            self.store.remember_label_config(project, config)
+        return config
 
     def _annotation(self, payload: dict[str, Any], brush_max_pixels: int | None) -> dict[str, Any]:
         project = project_id(payload)
@@ -66,32 +85,42 @@ class WebhookHandler:
             raise WebhookError("annotation.id (an integer) is missing")
         if not isinstance(task, dict) or not _is_id(task.get("id")):
             raise WebhookError("task.id (an integer) is missing")
-        config = (
-            payload["project"].get("label_config") if isinstance(payload["project"], dict) else None
-        )
-        if config is not None and not isinstance(config, str):
-            raise WebhookError("project.label_config must be a string")
-        snap = self.served.snapshot
+        config = self._remember_config(project, payload)
         try:
-            targets = (
-                targets_for(config, tuple(snap.classes))
-                if config
-                else default_targets(snap.classes)
-            )
-            side = map_size_for(snap.meta.image_size)
+            resolved = self.models.resolve(project, config)
+            if resolved.targets is None:
+                raise LabelConfigError(
+                    f"{resolved.reason}; and the event carries no project.label_config to read "
+                    "its classes from"
+                )
             correction = correction_from_annotation(
-                project, annotation, task, targets, side, max_pixels=brush_max_pixels
+                project,
+                annotation,
+                task,
+                resolved.targets,
+                self.models.map_size(resolved),
+                max_pixels=brush_max_pixels,
             )
         except (CorrectionError, LabelConfigError, ValueError) as exc:
             status = exc.status if isinstance(exc, CorrectionError) else 400
             raise WebhookError(f"annotation {annotation['id']}: {exc}", status) from exc
         if correction is None:
-            return {"action": payload["action"], "stored": False, "reason": "no attention brush"}
+            return {
+                "action": payload["action"],
+                "stored": False,
+                "reason": "neither an attention brush nor a class",
+            }
         if correction.model_version is None:
             version = self.store.predicted_version(project, correction.task_id)
             correction = dataclasses.replace(correction, model_version=version)
         changed = self.store.put(correction)
         reply = {"action": payload["action"], "stored": changed, "edited": correction.edited}
+        if resolved.snapshot is None:  # a project with no model yet: labels make its first
+            labelled = self.store.labelled_count(project)
+            reply["labelled"] = labelled
+            if changed and self.train_first_after and labelled >= self.train_first_after:
+                reply["training"] = self._request(project, f"{labelled} labelled tasks")
+            return reply
         pending = self.store.untrained_count(project)
         reply["untrained_corrections"] = pending
         if changed and correction.edited and pending >= self.train_after:
@@ -116,11 +145,15 @@ class WebhookHandler:
 
 
 def project_id(payload: dict[str, Any]) -> str:
+    """The project's key, as /setup and /predict name it (it names files under MODEL_DIR)."""
     project = payload.get("project")
     value = project.get("id") if isinstance(project, dict) else project
-    if not isinstance(value, int | str) or isinstance(value, bool) or str(value).strip() == "":
+    key = None
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        key = ProjectConnections.project_key(value)
+    if key is None:
         raise WebhookError("project.id is missing")
-    return str(value)
+    return key
 
 
 def _is_id(value: object) -> bool:

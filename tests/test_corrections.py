@@ -102,7 +102,14 @@ def test_bad_brushes_are_refused() -> None:
     other = brush(np.zeros((4, 4), dtype=np.uint8), rid="x")
     with pytest.raises(CorrectionError, match="another brush of the same image"):
         correction_from_annotation("1", annotation([good, other]), TASK, TARGETS, 2)
-    assert correction_from_annotation("1", annotation([choice("cat")]), TASK, TARGETS, 2) is None
+    assert correction_from_annotation("1", annotation([]), TASK, TARGETS, 2) is None
+
+
+def test_a_class_without_a_brush_is_a_label_alone() -> None:
+    """A new project's annotation: what its first model learns from."""
+    c = correction_from_annotation("1", annotation([choice("cat")]), TASK, TARGETS, 2)
+    assert c is not None
+    assert (c.label, c.target, c.edited) == ("cat", None, False)
 
 
 def _reference_map(alpha: np.ndarray, size: int) -> np.ndarray:

@@ -49,7 +49,9 @@ def test_store_marks_trained_corrections(tmp_path: Path) -> None:
         store.put(_correction(aid=aid))
     store.mark_trained("1", [1, 2], "v2")
     assert store.untrained_count("1") == 1
-    assert store.summary() == {"1": {"corrections": 3, "confirmations": 0, "untrained": 1}}
+    assert store.summary() == {
+        "1": {"corrections": 3, "confirmations": 0, "untrained": 1, "labelled": 3}
+    }
 
 
 def test_store_compares_timestamps_only_as_strings(tmp_path: Path) -> None:
@@ -68,3 +70,36 @@ def test_predictions_and_training_requests_are_remembered(tmp_path: Path) -> Non
     assert LoopStore(tmp_path / "c.sqlite3").pending_requests() == [("1", "10 new corrections")]
     store.clear_request("1")
     assert store.pending_requests() == []
+
+
+def test_a_label_alone_is_kept_for_first_models_not_rounds(tmp_path: Path) -> None:
+    store = LoopStore(tmp_path / "c.sqlite3")
+    label_only = dataclasses.replace(_correction(aid=8), target=None, edited=False)
+    assert store.put(label_only)
+    assert not store.put(label_only)  # idempotent without a target too
+    store.put(_correction(aid=9))
+    assert [c.annotation_id for c in store.corrections("1")] == [9]  # rounds need a brush
+    labelled = store.labelled("1")
+    assert [(c.annotation_id, c.target is None) for c in labelled] == [(8, True), (9, False)]
+    assert store.labelled_count("1") == 2 and store.untrained_count("1") == 1
+    assert store.summary()["1"] == {
+        "corrections": 1,
+        "confirmations": 0,
+        "untrained": 1,
+        "labelled": 2,
+    }
+    store.delete("1", [8])
+    assert store.labelled_count("1") == 1
+
+
+def test_label_configs_are_kept_per_project(tmp_path: Path) -> None:
+    store = LoopStore(tmp_path / "c.sqlite3")
+    assert store.label_config("1") is None
+    store.remember_label_config("1", "<View>a</View>")
+    store.remember_label_config("2", "<View>b</View>")
+    store.remember_label_config("1", "<View>c</View>")
+    reopened = LoopStore(tmp_path / "c.sqlite3")
+    assert (reopened.label_config("1"), reopened.label_config("2")) == (
+        "<View>c</View>",
+        "<View>b</View>",
+    )
