@@ -97,15 +97,19 @@ class Loop:
     def post(self, path: str, body: Any) -> requests.Response:
         return requests.post(self.base + path, json=body, timeout=10, auth=self.auth)
 
-    def version(self) -> str:
-        return self.get("/health")["model_version"]
+    def version(self, project: str | None = None) -> str:
+        """The shared model's version, or what answers `project` (its own model, or shared)."""
+        if project is None:
+            return self.get("/health")["model_version"]
+        return self.get(f"/status?project={project}")["project"]["model_version"]
 
-    def everyone_serves(self, version: str) -> bool:
-        """Several /health calls in a row (so both gunicorn workers answer) name `version`."""
-        return all(self.version() == version for _ in range(8))
+    def everyone_serves(self, version: str, project: str | None = None) -> bool:
+        """Several calls in a row (so both gunicorn workers answer) name `version`."""
+        return all(self.version(project) == version for _ in range(8))
 
-    def registry(self) -> ModelRegistry:
-        return ModelRegistry(self.model_dir)
+    def registry(self, project: str | None = None) -> ModelRegistry:
+        """The shared model's registry, or `project`'s own lineage."""
+        return ModelRegistry(self.model_dir, project)
 
     def store(self) -> LoopStore:
         return LoopStore(ModelDirLayout(self.model_dir).corrections_db)

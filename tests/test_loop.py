@@ -158,17 +158,19 @@ def test_corrections_train_publish_and_hot_swap(loop: Loop) -> None:
         reply = loop.post("/webhook", annotation_event(100 + aid, aid, left_half()))
         assert reply.status_code == 200
     assert reply.json()["training"] == "queued"  # the third correction triggered it
-    wait_for(lambda: loop.registry().current()["version"] == "v2", 240, "v2: " + loop.log("worker"))
-    record = loop.registry().current()
-    assert record["parent_version"] == "v1"
+    # The round forks the shared v1 into project 1's own lineage.
+    wait_for(lambda: loop.registry("1").current(), 240, "p1-v2: " + loop.log("worker"))
+    record = loop.registry("1").current()
+    assert (record["version"], record["parent_version"]) == ("p1-v2", "v1")
     assert record["annotation_ids"] and set(record["annotation_ids"]) <= {100, 101, 102}
-    wait_for(lambda: loop.everyone_serves("v2"), SWAP_WAIT, "every process to swap to v2")
+    wait_for(lambda: loop.everyone_serves("p1-v2", "1"), SWAP_WAIT, "every process: p1-v2")
     prediction = predict(loop)
-    assert prediction["results"][0]["model_version"] == "v2"
-    assert loop.get("/versions")["versions"][:2] == ["v1", "v2"]
-    status = loop.get("/status")
-    assert status["model_version"] == "v2"
+    assert prediction["results"][0]["model_version"] == "p1-v2"
+    assert loop.get("/versions")["versions"] == ["v1", "p1-v2"]
+    status = loop.get("/status?project=1")
+    assert status["project"]["model_version"] == "p1-v2"
     assert status["last_jobs"]["1"]["status"] == "published"
+    assert loop.version() == "v1" and loop.registry().current()["version"] == "v1"
     assert loop.store().untrained_count("1") == 0  # trained and held-out ones are both used
 
 
@@ -183,8 +185,8 @@ def test_a_model_failing_the_gate_is_not_published(loop: Loop) -> None:
         "the job's result: " + loop.log("worker"),
     )
     assert last["status"] == "rejected" and "distance to human maps" in last["reasons"][0]
-    assert loop.registry().current()["version"] == "v1"
-    assert loop.version() == "v1"
+    assert loop.registry("1").current() is None and loop.registry().current()["version"] == "v1"
+    assert loop.version("1") == "v1"
 
 
 def test_rollback_over_http_and_cli(loop: Loop, tiny_checkpoint: Path) -> None:
@@ -269,19 +271,17 @@ def test_worker_killed_mid_job_leaves_the_served_model(loop: Loop) -> None:
 
     wait_for(fine_tuning, 240, "the job to start fine-tuning: " + loop.log("worker"))
     loop.stop("worker", signal.SIGKILL)
-    assert loop.registry().current()["version"] == "v1"
+    assert loop.registry("1").current() is None
     assert sorted(p.name for p in loop.registry().versions_dir.iterdir()) == ["v1.pt"]
-    assert loop.version() == "v1"
+    assert list(loop.registry("1").versions_dir.iterdir()) == []
+    assert loop.version("1") == "v1"
     # A trigger sent at once, while the dead job's heartbeat has not yet expired, is answered
     # "again" (the job looks alive); it must still lead to a job once the heartbeat is gone.
     reply = loop.post("/webhook", {"action": "START_TRAINING", "project": {"id": 1}})
     assert reply.json()["training"] in ("again", "queued")
     loop.start("worker2", "worker")
-    wait_for(
-        lambda: loop.registry().current()["version"] == "v2",
-        240,
-        "v2 after the restart: " + loop.log("worker2"),
-    )
+    wait_for(lambda: loop.registry("1").current(), 240, "p1-v2: " + loop.log("worker2"))
+    assert loop.registry("1").current()["version"] == "p1-v2"
 
 
 def test_redis_down_keeps_corrections_and_predictions(loop: Loop) -> None:
@@ -295,8 +295,5 @@ def test_redis_down_keeps_corrections_and_predictions(loop: Loop) -> None:
     loop.redis.start_server()
     wait_for(lambda: loop.store().pending_requests() == [], 10, "the deferred request to go")
     loop.start("worker", "worker")
-    wait_for(
-        lambda: loop.registry().current()["version"] == "v2",
-        240,
-        "v2 after Redis came back: " + loop.log("worker"),
-    )
+    wait_for(lambda: loop.registry("1").current(), 240, "p1-v2: " + loop.log("worker"))
+    assert loop.registry("1").current()["version"] == "p1-v2"

@@ -141,26 +141,25 @@ def test_predictions_corrections_training_through_label_studio(
     summary = wait_for(
         lambda: backend.get("/status")["corrections"].get(str(pid)), 10, "the corrections"
     )
-    assert summary == {"corrections": 1, "confirmations": 1, "untrained": 1}
+    assert summary == {"corrections": 1, "confirmations": 1, "untrained": 1, "labelled": 2}
     [stored] = [c for c in backend.store().corrections(str(pid)) if c.edited]
     assert stored.annotation_id == annotation["id"] and stored.label == CLASSES[1]
     assert stored.model_version == "v1"
     np.testing.assert_allclose(stored.target[:, :2].mean(), 1.0, atol=0.05)
 
-    # "Start training" in Label Studio: a job fine-tunes, passes the gate, publishes v2.
+    # "Start training" in Label Studio: a job fine-tunes the shared v1, passes the gate, and
+    # publishes the first version of the project's own lineage.
     backend.start("worker", "worker")
     ls.train(ml["id"])
-    wait_for(
-        lambda: backend.registry().current()["version"] == "v2",
-        300,
-        "v2: " + backend.log("worker"),
-    )
-    record = backend.registry().current()
-    assert record["parent_version"] == "v1"
-    wait_for(lambda: backend.everyone_serves("v2"), 5, "the backend to serve v2")
+    own = f"p{pid}-v2"
+    wait_for(lambda: backend.registry(str(pid)).current(), 300, own + ": " + backend.log("worker"))
+    record = backend.registry(str(pid)).current()
+    assert (record["version"], record["parent_version"]) == (own, "v1")
+    wait_for(lambda: backend.everyone_serves(own, str(pid)), 5, "the backend to serve " + own)
+    assert backend.registry().current()["version"] == "v1"  # the shared model is unchanged
 
-    # Label Studio sees the new version and asks for fresh predictions, made by v2.
+    # Label Studio sees the new version and asks for fresh predictions, made by it.
     ls.retrieve_predictions(pid)
     for task_id in images:
         versions = {p["model_version"] for p in ls.predictions(task_id)}
-        assert "v2" in versions, (task_id, versions)
+        assert own in versions, (task_id, versions)
