@@ -46,6 +46,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/limits.py
+	$(BIN)/python bench/first_model.py
 
 clean:
 	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache

@@ -213,6 +213,19 @@ def cmd_reset(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_dataset(args: argparse.Namespace) -> None:
+    from backend.dataset_export import export_project
+
+    settings = Settings.from_env()
+    token = args.token or settings.label_studio_api_key
+    summary = export_project(
+        args.from_label_studio, args.project, args.out, token, settings, args.test_fraction
+    )
+    print(f"{args.out}: classes {', '.join(summary.classes)}")
+    for line in summary.lines():
+        print(f"  {line}")
+
+
 def cmd_versions(args: argparse.Namespace) -> None:
     from backend.registry import lineage_of
 
@@ -307,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--project", required=True, help="the Label Studio project id")
     p.add_argument("--reason", default="reset by abn reset", help="recorded in its registry")
     p.set_defaults(func=cmd_reset)
+
+    p = sub.add_parser(
+        "dataset", help="a Label Studio project's images by class and brushes as maps, on disk"
+    )
+    p.add_argument("--from-label-studio", required=True, metavar="URL", help="Label Studio URL")
+    p.add_argument("--project", required=True, type=int, help="the project id")
+    p.add_argument("--out", required=True, type=Path, help="the dataset folder to write")
+    p.add_argument("--token", help="API token (default: LABEL_STUDIO_API_KEY)")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, help="share of tasks in the test split"
+    )
+    p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser("versions", help="list published versions and their lineage")
     p.add_argument("--project", help="only that project's own versions")

@@ -181,6 +181,7 @@ def main() -> None:
             predict = {
                 "tasks": [{"id": 0, "data": {"image": "/data/upload/1/0.png"}}],
                 "label_config": CONFIG,
+                "project": "1.1700000000",
             }
             for _ in range(3):
                 timed_post(session, base + "/predict", predict)  # warm both workers
@@ -194,21 +195,22 @@ def main() -> None:
             )
             busy = []
             aid = 10_000
-            while registry.current()["version"] == "v1":
+            own = ModelRegistry(model_dir, "1")  # the round forks v1 into project 1's lineage
+            while own.current() is None:
                 busy.append(timed_post(session, base + "/webhook", event(aid, aid % 64))[0])
                 aid += 1
                 time.sleep(0.05)
-            published_at = registry.current()["published_at"]
+            published_at = own.current()["published_at"]
             while True:
                 _, reply = timed_post(session, base + "/predict", predict)
-                if reply["model_version"] == "v2":
+                if reply["model_version"] == "p1-v2":
                     first_new = time.time() - published_at
                     break
 
             before = [timed_post(session, base + "/predict", predict)[0] for _ in range(20)]
-            model, meta2 = load_checkpoint(registry.current_checkpoint())
+            model, meta2 = load_checkpoint(own.current_checkpoint())
             during: list[float] = []
-            registry.publish(model, meta2, reason="swap bench")
+            own.publish(model, meta2, reason="swap bench")
             swap_end = time.monotonic() + 2.0
             while time.monotonic() < swap_end:
                 during.append(timed_post(session, base + "/predict", predict)[0])

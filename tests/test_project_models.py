@@ -17,8 +17,8 @@ from flask import Flask
 from backend.app import create_app
 from backend.label_config import label_config_for
 from backend.registry import ModelRegistry
-from backend.serving import ServedModel
 from backend.services import EXTENSION, BackendServices
+from backend.serving import ServedModel
 from backend.settings import Settings
 from model import build_abn
 from model.checkpoint import make_meta

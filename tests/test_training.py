@@ -77,7 +77,7 @@ def test_a_new_project_trains_its_first_model_from_class_labels(
     assert first["trained_on"] + first["validated_on"] == 12
     assert first["class_counts"] == {"apple": 6, "pear": 6}
     own = ModelRegistry(settings.model_dir, "7")
-    model, meta = load_checkpoint(own.current_checkpoint())
+    _, meta = load_checkpoint(own.current_checkpoint())
     assert meta.classes == FRUIT and meta.image_size == 32 and meta.version == "p7-v1"
     assert ModelRegistry(settings.model_dir).current()["version"] == "v1"  # shared untouched
 

@@ -1,0 +1,229 @@
+"""A new project's first hour, timed with real processes: gunicorn backend, RQ worker, Redis.
+
+Run: ``.venv/bin/python bench/first_model.py [--tasks 100] [--image-size 224]``.
+
+A project whose classes no model has ("face", "not face": scikit-image's ``lfw_subset``, half
+faces and half not, upsampled to the image size) is connected with no shared model. Then, as
+Label Studio would send them:
+
+1. one class annotation per task, then ``START_TRAINING``: the time until ``/predict`` for the
+   project is answered by its first version ``p1-v1``;
+2. an edited attention brush on every task, then ``START_TRAINING``: the time until the
+   fine-tuned ``p1-v2`` answers.
+
+Each is printed with the goal (5 minutes) and with the share of it the machine learning itself
+took (the job's own training time, measured in the same run), so the overhead of fetching,
+queueing, publishing and swapping shows. Defaults are the product's (``ABN_FIRST_EPOCHS``,
+``ABN_FIRST_TIME_BUDGET``, ``ABN_FINETUNE_EPOCHS``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from PIL import Image
+from skimage import data as skdata
+
+from backend.brush import encode_rle
+from backend.label_config import label_config_for
+from backend.redis_connection import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["face", "not face"]
+CONFIG = label_config_for([*CLASSES, "Other"])
+GOAL_S = 300.0
+
+
+def lfw_pictures(tasks: int, side: int) -> dict[str, tuple[bytes, str]]:
+    """`tasks` PNGs (path -> (bytes, class)): faces and non-faces alternating."""
+    faces = skdata.lfw_subset()  # 100 faces, then 100 non-faces, 25x25 grey in [0, 1]
+    pictures = {}
+    for i in range(tasks):
+        kind = i % 2
+        pixels = (faces[kind * 100 + (i // 2) % 100] * 255).astype(np.uint8)
+        image = Image.fromarray(pixels).convert("RGB").resize((side, side), Image.BILINEAR)
+        buf = io.BytesIO()
+        image.save(buf, "PNG")
+        pictures[f"/data/upload/1/{i}.png"] = (buf.getvalue(), CLASSES[kind])
+    return pictures
+
+
+def image_server(pictures: dict[str, tuple[bytes, str]]) -> tuple[ThreadingHTTPServer, str]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            body = pictures.get(self.path, (b"", ""))[0]
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def annotation(aid: int, path: str, label: str, side: int, brush: bool) -> dict[str, Any]:
+    results: list[dict[str, Any]] = [
+        {"from_name": "class", "to_name": "image", "type": "choices", "value": {"choices": [label]}}
+    ]
+    if brush:  # the centre, where a face is
+        alpha = np.zeros((side, side), dtype=np.uint8)
+        alpha[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+        results.append(
+            {
+                "id": "att",
+                "from_name": "attention",
+                "to_name": "image",
+                "type": "brushlabels",
+                "origin": "prediction-changed",
+                "original_width": side,
+                "original_height": side,
+                "value": {"format": "rle", "rle": encode_rle(alpha), "brushlabels": ["Attention"]},
+            }
+        )
+    return {
+        "action": "ANNOTATION_UPDATED" if brush else "ANNOTATION_CREATED",
+        "annotation": {"id": aid, "result": results, "updated_at": f"2026-12-02T1{int(brush)}:00Z"},
+        "task": {"id": aid, "data": {"image": path}},
+        "project": {"id": 1, "label_config": CONFIG},
+    }
+
+
+def wait_for_version(session: requests.Session, base: str, version: str, limit: float) -> float:
+    """Seconds until /predict for project 1 is answered by `version`."""
+    started = time.monotonic()
+    body = {
+        "tasks": [{"id": 0, "data": {"image": "/data/upload/1/0.png"}}],
+        "project": "1.1700000000",
+        "label_config": CONFIG,
+    }
+    while time.monotonic() - started < limit:
+        reply = session.post(base + "/predict", json=body, timeout=60).json()
+        if reply["model_version"] == version and reply["results"][0]["result"]:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise SystemExit(f"{version} did not answer within {limit:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--pretrained", help="ABN_PRETRAINED: a local torchvision state dict")
+    args = parser.parse_args()
+    pictures = lfw_pictures(args.tasks, args.image_size)
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
+        images, images_url = image_server(pictures)
+        model_dir = Path(tmp) / "model_dir"
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {
+            **os.environ,
+            "REDIS_URL": redis.url,
+            "MODEL_DIR": str(model_dir),
+            "LABEL_STUDIO_URL": images_url,
+            "LABEL_STUDIO_API_KEY": "x",
+            "ABN_TRAIN_AFTER": "100000",
+            "ABN_FIRST_IMAGE_SIZE": str(args.image_size),
+            **({"ABN_PRETRAINED": args.pretrained} if args.pretrained else {}),
+        }
+        logs = Path(tmp) / "logs"
+        logs.mkdir()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "backend", *command],
+                env=env,
+                cwd=ROOT,
+                stdout=(logs / f"{command[0]}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            for command in (["serve", "--port", str(port), "--workers", "2"], ["worker"])
+        ]
+        session = requests.Session()
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if session.get(base + "/health", timeout=10).ok:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise SystemExit("the backend did not start")
+                time.sleep(0.2)
+            setup = session.post(
+                base + "/setup", json={"project": "1.1700000000", "schema": CONFIG}, timeout=30
+            ).json()
+            assert setup["model_version"] == "p1-untrained", setup
+            for aid, (path, (_, label)) in enumerate(pictures.items()):
+                event = annotation(aid, path, label, args.image_size, brush=False)
+                session.post(base + "/webhook", json=event, timeout=30).raise_for_status()
+            start = {"action": "START_TRAINING", "project": {"id": 1}}
+            session.post(base + "/webhook", json=start, timeout=30).raise_for_status()
+            first_s = wait_for_version(session, base, "p1-v1", 1800)
+            first = json.loads((model_dir / "jobs" / "1.json").read_text())
+
+            for aid, (path, (_, label)) in enumerate(pictures.items()):
+                event = annotation(aid, path, label, args.image_size, brush=True)
+                session.post(base + "/webhook", json=event, timeout=30).raise_for_status()
+            session.post(base + "/webhook", json=start, timeout=30).raise_for_status()
+            round_s = wait_for_version(session, base, "p1-v2", 1800)
+            tuned = json.loads((model_dir / "jobs" / "1.json").read_text())
+        except BaseException:
+            for name in ("serve", "worker"):
+                sys.stderr.write((logs / f"{name}.log").read_text(errors="replace")[-3000:])
+            raise
+        finally:
+            for proc in procs:
+                os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                proc.wait(timeout=60)
+            images.shutdown()
+            images.server_close()
+
+    report = first["first_model"]
+    print(f"\nA new project, {args.tasks} tasks at {args.image_size} px, {os.cpu_count()} CPUs")
+    print(
+        f"START_TRAINING -> first version answering  {first_s:7.1f} s  "
+        f"({first_s / GOAL_S:.2f} of the 5-minute goal; training itself {report['seconds']:.1f} s, "
+        f"x{first_s / report['seconds']:.2f} end to end)"
+    )
+    print(
+        f"  {report['epochs_run']} epochs (stopped by {report['stopped_by']}), best epoch "
+        f"{report['best_epoch']}, validation accuracy {report['validation_accuracy']} on "
+        f"{report['validated_on']} held-out tasks"
+    )
+    print(
+        f"{args.tasks} corrections -> fine-tuned version answering  {round_s:7.1f} s  "
+        f"({round_s / GOAL_S:.2f} of the goal; gate: {tuned['status']})"
+    )
+
+
+if __name__ == "__main__":
+    main()
