@@ -109,9 +109,10 @@ class PredictBody(Body):
 
 
 class TrainBody(Body):
-    """What Label Studio's ``train()`` sends (``annotations``, ``label_config`` ride along)."""
+    """What Label Studio's ``train()`` sends (``annotations`` ride along, unread)."""
 
     project: ProjectKey
+    label_config: str | None = None
 
 
 class RollbackBody(Body):

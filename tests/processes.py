@@ -118,14 +118,16 @@ class Loop:
 @contextmanager
 def running_backend(
     tmp_path: Path,
-    checkpoint: Path,
+    checkpoint: Path | None,
     workers: int = 2,
     auth: tuple[str, str] | None = None,
     **env: str,
 ) -> Iterator[Loop]:
-    """`checkpoint` published as v1, an embedded Redis, and `abn serve` on a free port."""
+    """`checkpoint` published as the shared v1 (None: no shared model), an embedded Redis,
+    and `abn serve` on a free port."""
     model_dir = tmp_path / "model_dir"
-    ModelRegistry(model_dir).publish_file(checkpoint, reason="initial model")
+    if checkpoint is not None:
+        ModelRegistry(model_dir).publish_file(checkpoint, reason="initial model")
     port = free_port()
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -431,3 +431,22 @@ def test_fuzz_arbitrary_json_and_bytes(fuzz_app: Flask) -> None:
 
     run()
     assert sender.sent >= 500
+
+
+def test_fuzz_project_queries(fuzz_app: Flask) -> None:
+    """?project= on /versions and /status: any text is a 200 or a 400 that names the project."""
+    client = fuzz_app.test_client()
+    statuses: Counter[int] = Counter()
+
+    @fuzz_settings(400)
+    @given(project=st.text(max_size=80) | st.sampled_from(["1", "1.17", "..", "p1-v1", "%00"]))
+    def run(project: str) -> None:
+        for path in ("/versions", "/status"):
+            reply = client.get(path, query_string={"project": project})
+            statuses[reply.status_code] += 1
+            assert reply.status_code in (200, 400), (path, project, reply.get_data()[:300])
+            if reply.status_code == 400:
+                assert "project" in reply.json["error"]
+
+    run()
+    assert statuses[200] > 50 and statuses[400] > 0
