@@ -216,7 +216,7 @@ def main() -> None:
     )
     print(
         f"  {report['epochs_run']} epochs (stopped by {report['stopped_by']}), best epoch "
-        f"{report['best_epoch']}, validation accuracy {report['validation_accuracy']} on "
+        f"{report['best_epoch']}, validation accuracy {report['validation_accuracy']:.3f} on "
         f"{report['validated_on']} held-out tasks"
     )
     print(
