@@ -23,27 +23,20 @@ import argparse
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import requests
+from harness import deployment, image_server
 from PIL import Image
 from skimage import data as skdata
 
 from backend.brush import encode_rle
 from backend.label_config import label_config_for
-from backend.redis_connection import EmbeddedRedis
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["face", "not face"]
 CONFIG = label_config_for([*CLASSES, "Other"])
 GOAL_S = 300.0
@@ -61,29 +54,6 @@ def lfw_pictures(tasks: int, side: int) -> dict[str, tuple[bytes, str]]:
         image.save(buf, "PNG")
         pictures[f"/data/upload/1/{i}.png"] = (buf.getvalue(), CLASSES[kind])
     return pictures
-
-
-def image_server(pictures: dict[str, tuple[bytes, str]]) -> tuple[ThreadingHTTPServer, str]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            body = pictures.get(self.path, (b"", ""))[0]
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def annotation(aid: int, path: str, label: str, side: int, brush: bool) -> dict[str, Any]:
@@ -137,46 +107,18 @@ def main() -> None:
     args = parser.parse_args()
     pictures = lfw_pictures(args.tasks, args.image_size)
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
-        images, images_url = image_server(pictures)
-        model_dir = Path(tmp) / "model_dir"
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "REDIS_URL": redis.url,
-            "MODEL_DIR": str(model_dir),
-            "LABEL_STUDIO_URL": images_url,
-            "LABEL_STUDIO_API_KEY": "x",
-            "ABN_TRAIN_AFTER": "100000",
-            "ABN_FIRST_IMAGE_SIZE": str(args.image_size),
-            **({"ABN_PRETRAINED": args.pretrained} if args.pretrained else {}),
-        }
-        logs = Path(tmp) / "logs"
-        logs.mkdir()
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "backend", *command],
-                env=env,
-                cwd=ROOT,
-                stdout=(logs / f"{command[0]}.log").open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            for command in (["serve", "--port", str(port), "--workers", "2"], ["worker"])
-        ]
-        session = requests.Session()
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if session.get(base + "/health", timeout=10).ok:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the backend did not start")
-                time.sleep(0.2)
+    files = {path: png for path, (png, _) in pictures.items()}
+    images, images_url = image_server(files)
+    env = {"ABN_TRAIN_AFTER": "100000", "ABN_FIRST_IMAGE_SIZE": str(args.image_size)}
+    if args.pretrained:
+        env["ABN_PRETRAINED"] = args.pretrained
+    session = requests.Session()
+    try:
+        with (
+            tempfile.TemporaryDirectory() as tmp,
+            deployment(Path(tmp) / "model_dir", images_url, Path(tmp) / "logs", **env) as base,
+        ):
+            model_dir = Path(tmp) / "model_dir"
             setup = session.post(
                 base + "/setup", json={"project": "1.1700000000", "schema": CONFIG}, timeout=30
             ).json()
@@ -195,17 +137,9 @@ def main() -> None:
             session.post(base + "/webhook", json=start, timeout=30).raise_for_status()
             round_s = wait_for_version(session, base, "p1-v2", 1800)
             tuned = json.loads((model_dir / "jobs" / "1.json").read_text())
-        except BaseException:
-            for name in ("serve", "worker"):
-                sys.stderr.write((logs / f"{name}.log").read_text(errors="replace")[-3000:])
-            raise
-        finally:
-            for proc in procs:
-                os.killpg(proc.pid, signal.SIGTERM)
-            for proc in procs:
-                proc.wait(timeout=60)
-            images.shutdown()
-            images.server_close()
+    finally:
+        images.shutdown()
+        images.server_close()
 
     report = first["first_model"]
     print(f"\nA new project, {args.tasks} tasks at {args.image_size} px, {os.cpu_count()} CPUs")

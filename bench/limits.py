@@ -46,6 +46,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import requests  # noqa: E402
+from harness import free_port, wait_healthy  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 from backend.brush import encode_rle  # noqa: E402
@@ -118,14 +119,6 @@ def fake_label_studio(files: dict[str, bytes]) -> Iterator[str]:
         server.server_close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def backend(checkpoint: Path, ls_url: str, work: Path, **env: str) -> Iterator[tuple[str, int]]:
     """A fresh ``abn serve`` with one worker: its URL and the worker's pid."""
@@ -160,18 +153,7 @@ def backend(checkpoint: Path, ls_url: str, work: Path, **env: str) -> Iterator[t
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the backend exited: see {work / 'serve.log'}")
-            try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the backend did not come up in 300 s")
-            time.sleep(0.3)
+        wait_healthy(base, proc, 300, work / "serve.log")
         [worker] = psutil.Process(proc.pid).children()
         yield base, worker.pid
     finally:

@@ -14,64 +14,36 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import requests
 import torch
+from harness import deployment, image_server
 from PIL import Image
 
 from backend.brush import encode_rle
 from backend.label_config import label_config_for
-from backend.redis_connection import EmbeddedRedis
 from backend.registry import ModelRegistry
 from model import build_abn, load_checkpoint
 from model.checkpoint import make_meta
 
-ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [str(i) for i in range(10)]
 CONFIG = label_config_for(CLASSES)
 SIDE = 256
 
 
-def image_server() -> tuple[ThreadingHTTPServer, str]:
+def pictures() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
-    pictures = {}
+    files = {}
     for i in range(64):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, (SIDE, SIDE, 3), dtype=np.uint8)).save(buf, "PNG")
-        pictures[f"/data/upload/1/{i}.png"] = buf.getvalue()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            body = pictures.get(self.path)
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        files[f"/data/upload/1/{i}.png"] = buf.getvalue()
+    return files
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,107 +91,61 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis") as redis:
-        images, images_url = image_server()
+    images, images_url = image_server(pictures())
+    env = {
+        "ABN_TRAIN_AFTER": "100000",
+        "ABN_FINETUNE_EPOCHS": str(args.epochs),
+        "ABN_GATE_ACCURACY_MARGIN": "1",
+        "ABN_GATE_MAP_MARGIN": "1",
+    }
+    session = requests.Session()
+    with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model_dir"
         torch.manual_seed(0)
         meta = make_meta("abn", "resnet18", CLASSES, args.image_size)
         registry = ModelRegistry(model_dir)
         registry.publish(build_abn("resnet18", len(CLASSES)), meta, reason="bench")
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {
-            **os.environ,
-            "REDIS_URL": redis.url,
-            "MODEL_DIR": str(model_dir),
-            "LABEL_STUDIO_URL": images_url,
-            "LABEL_STUDIO_API_KEY": "x",
-            "ABN_TRAIN_AFTER": "100000",
-            "ABN_FINETUNE_EPOCHS": str(args.epochs),
-            "ABN_GATE_ACCURACY_MARGIN": "1",
-            "ABN_GATE_MAP_MARGIN": "1",
-        }
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "backend",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--workers",
-                    "2",
-                ],
-                env=env,
-                cwd=ROOT,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            ),
-            subprocess.Popen(
-                [sys.executable, "-m", "backend", "worker"],
-                env=env,
-                cwd=ROOT,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            ),
-        ]
-        session = requests.Session()
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if session.get(base + "/health", timeout=2).ok:
+            with deployment(model_dir, images_url, Path(tmp) / "logs", **env) as base:
+                predict = {
+                    "tasks": [{"id": 0, "data": {"image": "/data/upload/1/0.png"}}],
+                    "label_config": CONFIG,
+                    "project": "1.1700000000",
+                }
+                for _ in range(3):
+                    timed_post(session, base + "/predict", predict)  # warm both workers
+
+                idle = [
+                    timed_post(session, base + "/webhook", event(i, i))[0]
+                    for i in range(args.corrections)
+                ]
+                timed_post(
+                    session, base + "/webhook", {"action": "START_TRAINING", "project": {"id": 1}}
+                )
+                busy = []
+                aid = 10_000
+                own = ModelRegistry(model_dir, "1")  # the round forks v1 into project 1's lineage
+                while own.current() is None:
+                    busy.append(timed_post(session, base + "/webhook", event(aid, aid % 64))[0])
+                    aid += 1
+                    time.sleep(0.05)
+                published_at = own.current()["published_at"]
+                while True:
+                    _, reply = timed_post(session, base + "/predict", predict)
+                    if reply["model_version"] == "p1-v2":
+                        first_new = time.time() - published_at
                         break
-                except requests.ConnectionError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise SystemExit("the backend did not start")
-                time.sleep(0.2)
-            predict = {
-                "tasks": [{"id": 0, "data": {"image": "/data/upload/1/0.png"}}],
-                "label_config": CONFIG,
-                "project": "1.1700000000",
-            }
-            for _ in range(3):
-                timed_post(session, base + "/predict", predict)  # warm both workers
 
-            idle = [
-                timed_post(session, base + "/webhook", event(i, i))[0]
-                for i in range(args.corrections)
-            ]
-            timed_post(
-                session, base + "/webhook", {"action": "START_TRAINING", "project": {"id": 1}}
-            )
-            busy = []
-            aid = 10_000
-            own = ModelRegistry(model_dir, "1")  # the round forks v1 into project 1's lineage
-            while own.current() is None:
-                busy.append(timed_post(session, base + "/webhook", event(aid, aid % 64))[0])
-                aid += 1
-                time.sleep(0.05)
-            published_at = own.current()["published_at"]
-            while True:
-                _, reply = timed_post(session, base + "/predict", predict)
-                if reply["model_version"] == "p1-v2":
-                    first_new = time.time() - published_at
-                    break
-
-            before = [timed_post(session, base + "/predict", predict)[0] for _ in range(20)]
-            model, meta2 = load_checkpoint(own.current_checkpoint())
-            during: list[float] = []
-            own.publish(model, meta2, reason="swap bench")
-            swap_end = time.monotonic() + 2.0
-            while time.monotonic() < swap_end:
-                during.append(timed_post(session, base + "/predict", predict)[0])
+                before = [timed_post(session, base + "/predict", predict)[0] for _ in range(20)]
+                model, meta2 = load_checkpoint(own.current_checkpoint())
+                during: list[float] = []
+                own.publish(model, meta2, reason="swap bench")
+                swap_end = time.monotonic() + 2.0
+                while time.monotonic() < swap_end:
+                    during.append(timed_post(session, base + "/predict", predict)[0])
         finally:
-            for proc in procs:
-                os.killpg(proc.pid, signal.SIGTERM)
-            for proc in procs:
-                proc.wait(timeout=30)
             images.shutdown()
+            images.server_close()
 
     print(f"\nloop latencies, ABN-ResNet18 at {args.image_size}px, 2 gunicorn workers, CPU")
     print(

@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
+from harness import free_port, wait_healthy  # noqa: E402
 from PIL import Image  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
@@ -115,12 +116,6 @@ def nodelay(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def backend(kind: str, settings: Settings, served: ServedModel) -> Iterator[str]:
     """The backend on a real socket: a thread of this process, or gunicorn in a subprocess."""
@@ -151,18 +146,7 @@ def backend(kind: str, settings: Settings, served: ServedModel) -> Iterator[str]
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"gunicorn exited early:\n{log_path.read_text()}")
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("gunicorn did not answer /health within 120 s")
-            time.sleep(0.3)
+        wait_healthy(url, proc, 120, log_path)
         yield url
     finally:
         proc.terminate()
