@@ -27,7 +27,7 @@ from model.checkpoint import CheckpointMeta, make_meta
 from model.data import image_transform
 from model.errors import UserError
 from model.round import split
-from model.train import TrainConfig, accuracy, autocast, loss_of, seed_everything
+from model.train import TrainConfig, accuracy, autocast, loss_of, seed_everything, sgd
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,7 @@ def train_first_model(
         generator=generator,
         drop_last=len(train_set) > config.batch_size,  # no batch of one for BatchNorm
     )
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=train_cfg.learning_rate(),
-        momentum=train_cfg.momentum,
-        weight_decay=train_cfg.weight_decay,
-    )
+    optimizer = sgd(model.parameters(), train_cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     log.info(
         "first model: %s-ABN on %d images (%d for validation), %d classes, %s, %s",

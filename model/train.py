@@ -62,6 +62,16 @@ class TrainConfig:
         return torch.device(self.device)
 
 
+def sgd(params: Any, config: TrainConfig) -> torch.optim.SGD:
+    """The optimiser of every training here: SGD with momentum and weight decay, as the paper."""
+    return torch.optim.SGD(
+        params,
+        lr=config.learning_rate(),
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Same seed, same run: Python, NumPy and torch RNGs, and the loaders' shuffling."""
     random.seed(seed)
@@ -131,12 +141,7 @@ def train(
         drop_last=len(train_set) > config.batch_size,
     )
     test_loader = DataLoader(test_set, batch_size=config.batch_size, num_workers=config.workers)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.learning_rate(),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = sgd(model.parameters(), config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     history = []
     log.info(
@@ -278,12 +283,7 @@ def finetune(
             "no human maps in %s: fine-tuning on the classification losses only", data_label
         )
     params = freeze_trunk(model)
-    optimizer = torch.optim.SGD(
-        params,
-        lr=config.learning_rate(),
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = sgd(params, config)
     source = cache_features(model, dataset, config.batch_size, device) if use_cache else dataset
     # A last batch of one sample would break BatchNorm in the branches; reshuffling each epoch
     # means the dropped remainder differs from epoch to epoch.
