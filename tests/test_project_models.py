@@ -193,3 +193,18 @@ def test_a_hostile_webhook_project_never_names_a_path(app: Flask, project: Any) 
     reply = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": project}})
     assert reply.status_code == 400
     assert not (svc(app).settings.model_dir.parent / "x.json").exists()
+
+
+def test_a_deleted_project_drops_its_waiting_training(tmp_path: Path, served: ServedModel) -> None:
+    """Label Studio's PROJECT_DELETED (sent where an organisation webhook listens): nothing is
+    left to train on, so a training request waiting for Redis goes; its models stay on disk."""
+    client = create_app(Settings(model_dir=tmp_path), served=served).test_client()
+    publish(tmp_path, "7", FRUIT, seed=1)
+    reply = post(client, "/webhook", {"action": "START_TRAINING", "project": {"id": 7}})
+    assert reply.json["training"] == "deferred"  # no Redis here: it waits in the store
+    store = svc_of(client).loop.store
+    assert [p for p, _ in store.pending_requests()] == ["7"]
+    gone = post(client, "/webhook", {"action": "PROJECT_DELETED", "project": {"id": 7}})
+    assert gone.status_code == 200 and gone.json["forgotten"] is True
+    assert store.pending_requests() == []
+    assert ModelRegistry(tmp_path, "7").current()["version"] == "p7-v1"
