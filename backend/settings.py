@@ -91,6 +91,8 @@ class Settings:
     holdout_fraction: float = 0.2  # ABN_HOLDOUT_FRACTION: corrections kept out for the gate
     gate_accuracy_margin: float = 0.05  # ABN_GATE_ACCURACY_MARGIN: accuracy it may lose
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
+    gate_alpha: float = 0.05  # ABN_GATE_ALPHA: significance of the gate's paired sign tests
+    gate_min_evidence: int = 4  # ABN_GATE_MIN_EVIDENCE: held-out tasks needed to judge a round
     swap_interval: float = 0.5  # ABN_SWAP_INTERVAL: seconds between registry polls
 
     # Projects and their first models (docs/projects.md).
@@ -168,6 +170,10 @@ class Settings:
             ),
             gate_map_margin=_float(
                 env, "ABN_GATE_MAP_MARGIN", defaults.gate_map_margin, positive=False
+            ),
+            gate_alpha=_float(env, "ABN_GATE_ALPHA", defaults.gate_alpha),
+            gate_min_evidence=_int(
+                env, "ABN_GATE_MIN_EVIDENCE", defaults.gate_min_evidence, 1, 10**6
             ),
             swap_interval=_float(env, "ABN_SWAP_INTERVAL", defaults.swap_interval),
             max_project_models=_int(

@@ -245,6 +245,15 @@ class LoopStore:
         with self._connect() as db:
             db.execute("DELETE FROM training_requests WHERE project = ?", (project,))
 
+    def last_stored_at(self, project: str) -> float | None:
+        """When the project's newest live annotation was stored (None: it has none)."""
+        with self._connect() as db:
+            (last,) = db.execute(
+                "SELECT MAX(stored_at) FROM corrections WHERE project = ? AND deleted = 0",
+                (project,),
+            ).fetchone()
+        return last
+
     def labelled_count(self, project: str) -> int:
         """Live annotations of a project that name a class."""
         with self._connect() as db:

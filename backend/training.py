@@ -16,6 +16,7 @@ Progress goes to the RQ job's meta, which ``/status`` shows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -212,24 +213,40 @@ def run_project_round(
 ) -> dict[str, Any]:
     """A gated round on `current` of `registry`; the new version goes to `publish_in` (default:
     the same lineage; the shared model's rounds go to the project's own)."""
+    started = time.time()  # annotations stored from now on are new to the next round
+    since = last_round_at(settings, project, current)
+    if (store.last_stored_at(project) or 0.0) <= since:
+        why = f"nothing new since {current['version']}: no annotation was stored after it"
+        log.info("project %s: round not trained: %s", project, why)
+        return {
+            "project": project,
+            "reason": reason,
+            "status": "skipped",
+            "reasons": [why],
+            "parent_version": current["version"],
+            "finished_at": time.time(),
+        }
     device = str(TrainConfig(device=settings.train_device).torch_device())
     model, meta = load_checkpoint(registry.checkpoint_path(current["version"]), device=device)
     meta = meta.updated(parent_version=current["version"])
-    side = map_size_for(meta.image_size)
-    corrections = [c for c in store.corrections(project) if c.target.shape == (side, side)]
-    report_progress(stage="fetching images", project=project, corrections=len(corrections))
-    kept, images, skipped = load_examples(corrections, ImageLoader(settings), meta)
+    usable = round_annotations(store, project, meta)
+    report_progress(stage="fetching images", project=project, annotations=len(usable))
+    kept, images, skipped = load_examples(usable, ImageLoader(settings), meta)
     if not kept:
         raise TrainingRefused(
-            f"project {project}: no correction with a readable image"
+            f"project {project}: no annotation with a readable image"
             + (f" ({', '.join(f'{n} {r}' for r, n in skipped.items())} skipped)" if skipped else "")
-            + "; edit the attention brush of some tasks and submit them"
+            + "; label some tasks, or edit the attention brush of some, and submit them"
         )
+    side = map_size_for(meta.image_size)
     examples = Examples(
         images=images,
         labels=labels_for(kept, meta.classes),
-        maps=torch.from_numpy(np.stack([c.target for c in kept]))[:, None],
+        maps=torch.from_numpy(
+            np.stack([c.target if c.target is not None else np.zeros((side, side)) for c in kept])
+        ).float()[:, None],
         keys=tuple(c.task_id for c in kept),
+        has_map=torch.tensor([c.target is not None for c in kept]),
     )
     config = TrainConfig(
         epochs=settings.finetune_epochs,
@@ -250,17 +267,27 @@ def run_project_round(
         examples,
         config,
         gamma=settings.gamma,
-        margins=GateMargins(settings.gate_accuracy_margin, settings.gate_map_margin),
+        margins=GateMargins(
+            settings.gate_accuracy_margin,
+            settings.gate_map_margin,
+            settings.gate_alpha,
+            settings.gate_min_evidence,
+        ),
         holdout_fraction=settings.holdout_fraction,
-        data_label=f"project {project} corrections",
+        data_label=f"project {project} annotations",
         progress=on_epoch,
     )
     trained_ids = [kept[i].annotation_id for i in outcome.trained]
-    gate_record = {"before": outcome.before.to_dict(), "after": outcome.after.to_dict()}
+    gate_record = {
+        "before": outcome.before.to_dict(),
+        "after": outcome.after.to_dict(),
+        "paired": outcome.comparison.to_dict(),
+    }
     record: dict[str, Any] = {
         "project": project,
         "reason": reason,
         "parent_version": current["version"],
+        "started_at": started,
         "annotation_ids": trained_ids,
         "held_out_annotation_ids": [kept[i].annotation_id for i in outcome.held_out],
         "gate": gate_record,
@@ -287,6 +314,32 @@ def run_project_round(
     record.update(status="published", version=published["version"])
     log.info("project %s: published %s", project, published["version"])
     return record
+
+
+def round_annotations(store: LoopStore, project: str, meta: CheckpointMeta) -> list[Correction]:
+    """Every live annotation a round can learn from: a map of the model's size, or a class the
+    model knows (a round of ten new edits then still sees all that the project taught)."""
+    side = map_size_for(meta.image_size)
+    known = set(meta.classes)
+    usable = {}
+    for a in store.labelled(project) + store.corrections(project):
+        has_map = a.target is not None and a.target.shape == (side, side)
+        if has_map or a.label in known:
+            usable[a.annotation_id] = a if has_map else dataclasses.replace(a, target=None)
+    return list(usable.values())
+
+
+def last_round_at(settings: Settings, project: str, current: dict[str, Any]) -> float:
+    """When the project's model last learnt, or was judged: its version's publication, or the
+    end of the project's last round that trained (published or refused), if later."""
+    since = float(current.get("published_at") or 0.0)
+    try:
+        last = json.loads(settings.layout.job_result(project).read_text())
+    except (OSError, json.JSONDecodeError):
+        return since
+    if last.get("status") in ("published", "rejected") and last.get("parent_version"):
+        since = max(since, float(last.get("started_at") or 0.0))
+    return since
 
 
 def write_last_result(settings: Settings, project: str, record: dict[str, Any]) -> None:

@@ -3,20 +3,30 @@
 The caller (the backend's training job) gathers a project's corrections as tensors, and
 publishes or records what this decides; nothing here knows where the examples came from.
 
+The examples are every labelled task of the project the round can use, not only the newest
+edits: edited maps, confirmed maps, and class labels without a map, so that a round of ten
+cannot undo what the model knew, and so that the gate judges on many tasks however small the
+round.
+
 1. Split: a stable share of the examples, chosen by a hash of each example's key (the task
-   id), is held out, so a task stays on the same side from round to round. Too few to split:
-   the gate scores every example (and the round trains on all of them).
+   id), is held out, so a task stays on the same side from round to round (a project's first
+   model holds out the same tasks). Too few to split: the gate scores every example (and the
+   round trains on all of them).
 2. The served model predicts every example once: its scores are the gate's "before", and its
    predicted class is the label of examples that carry no class it knows (their maps still
    teach it where to look).
-3. Fine-tune the branches (trunk frozen) on the training share with the paper's objective.
-4. Gate: on the held-out share the new model may lose at most `margins.accuracy` of accuracy
-   and gain at most `margins.map_mse` of mean squared distance to the human maps.
+3. Fine-tune the branches (trunk frozen) on the training share with the paper's objective
+   (the map term only where there is a map).
+4. Gate, on the held-out share, task by task (:func:`gate`): no significant loss of accuracy
+   (a one-sided sign test over the tasks whose class changed from right to wrong and back),
+   no loss beyond the margins, enough held-out evidence to judge at all, and a measurable gain:
+   more tasks fixed than broken, or maps closer to the human ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,40 +48,102 @@ def is_held_out(key: int, fraction: float) -> bool:
 
 @dataclass(frozen=True)
 class Examples:
-    """A round's data: model inputs, class indices (-1: none known), human maps, stable keys."""
+    """A round's data: model inputs, class indices (-1: none known), human maps, stable keys,
+    and which examples have a map (None: all of them)."""
 
     images: torch.Tensor  # (N, 3, H, W), normalised as the model expects
     labels: torch.Tensor  # (N,) int64
-    maps: torch.Tensor  # (N, 1, h, w) in [0, 1]
+    maps: torch.Tensor  # (N, 1, h, w) in [0, 1]; zeros where there is no map
     keys: tuple[int, ...]  # what the split hashes (task ids)
+    has_map: torch.Tensor | None = None  # (N,) bool
 
     def __post_init__(self) -> None:
         sizes = {len(self.images), len(self.labels), len(self.maps), len(self.keys)}
+        if self.has_map is not None:
+            sizes.add(len(self.has_map))
         if len(sizes) != 1:
-            raise ValueError("images, labels, maps and keys must have the same length")
+            raise ValueError("images, labels, maps, keys and has_map must have the same length")
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    @property
+    def with_map(self) -> torch.Tensor:
+        """Which examples have a human map, as a bool tensor."""
+        if self.has_map is None:
+            return torch.ones(len(self), dtype=torch.bool)
+        return self.has_map.bool()
+
 
 @dataclass(frozen=True)
 class Scores:
-    """How a model does on the held-out examples."""
+    """How a model does on the held-out examples, summed up and task by task."""
 
     accuracy: float | None  # None when no held-out example has a known class
-    map_mse: float
+    map_mse: float | None  # None when no held-out example has a map
     count: int
+    correct: tuple[bool, ...] = ()  # each held-out example with a known class, in order
+    distances: tuple[float, ...] = ()  # each held-out example with a map, in order
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"accuracy": self.accuracy, "map_mse": self.map_mse, "count": self.count}
 
 
 @dataclass(frozen=True)
 class GateMargins:
-    """How much worse than the served model a new one may be and still be published."""
+    """How much worse than the served model a new one may be and still be published, and what
+    counts as evidence."""
 
-    accuracy: float = 0.05
-    map_mse: float = 0.01
+    accuracy: float = 0.05  # accuracy it may lose, whatever the test says
+    map_mse: float = 0.01  # mean map distance it may gain
+    alpha: float = 0.05  # significance of the paired tests
+    min_evidence: int = 4  # held-out tasks (with a class or a map) needed to judge at all
+
+
+def sign_test(losses: int, wins: int) -> float:
+    """One-sided exact sign test: the chance of `losses` or more of ``losses + wins`` paired
+    changes going the bad way if bad and good were equally likely (1.0 with no change)."""
+    n = losses + wins
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(losses, n + 1)) / 2**n
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The held-out tasks, paired: what the new model fixed and broke."""
+
+    fixed: int  # class wrong before, right after
+    broken: int  # class right before, wrong after
+    maps_closer: int  # map distance fell
+    maps_farther: int  # map distance rose
+
+    @property
+    def p_accuracy_worse(self) -> float:
+        return sign_test(self.broken, self.fixed)
+
+    @property
+    def p_maps_worse(self) -> float:
+        return sign_test(self.maps_farther, self.maps_closer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "p_accuracy_worse": round(self.p_accuracy_worse, 4),
+            "p_maps_worse": round(self.p_maps_worse, 4),
+        }
+
+
+def compare(before: Scores, after: Scores) -> Comparison:
+    """Pair the two models' held-out scores task by task."""
+    pairs = list(zip(before.correct, after.correct, strict=True))
+    distances = list(zip(before.distances, after.distances, strict=True))
+    return Comparison(
+        fixed=sum(1 for old, new in pairs if new and not old),
+        broken=sum(1 for old, new in pairs if old and not new),
+        maps_closer=sum(1 for old, new in distances if new < old),
+        maps_farther=sum(1 for old, new in distances if new > old),
+    )
 
 
 @dataclass
@@ -84,6 +156,7 @@ class RoundOutcome:
     held_out: list[int]
     before: Scores
     after: Scores
+    comparison: Comparison
     refusals: list[str]
 
     @property
@@ -119,30 +192,75 @@ def predict_all(
 
 
 def score(
-    predicted: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor
+    predicted: torch.Tensor,
+    attention: torch.Tensor,
+    labels: torch.Tensor,
+    maps: torch.Tensor,
+    has_map: torch.Tensor | None = None,
 ) -> Scores:
-    """Accuracy on the examples with a known class, and mean squared distance to the maps."""
+    """Accuracy on the examples with a known class, and squared distance to the human maps on
+    the examples that have one; each also task by task."""
     known = labels >= 0
-    accuracy = float((predicted[known] == labels[known]).float().mean()) if known.any() else None
-    distance = float(map_mse(attention[:, 0], maps[:, 0]).mean()) if len(maps) else 0.0
-    return Scores(accuracy=accuracy, map_mse=distance, count=len(labels))
+    correct = predicted[known] == labels[known]
+    accuracy = float(correct.float().mean()) if known.any() else None
+    mapped = torch.ones(len(labels), dtype=torch.bool) if has_map is None else has_map.bool()
+    distances = map_mse(attention[mapped][:, 0], maps[mapped][:, 0]) if mapped.any() else None
+    return Scores(
+        accuracy=accuracy,
+        map_mse=None if distances is None else float(distances.mean()),
+        count=len(labels),
+        correct=tuple(bool(c) for c in correct),
+        distances=() if distances is None else tuple(float(d) for d in distances),
+    )
 
 
 def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
     """Reasons to refuse the new model; empty means it may be published.
 
-    A loss of exactly the margin is allowed; anything beyond it is refused.
+    Refused: too little held-out evidence to judge (fewer than ``margins.min_evidence`` tasks
+    with a class or a map); accuracy significantly worse (one-sided sign test over the tasks
+    the change made wrong and right, at ``margins.alpha``), or lower by more than the margin
+    (exactly the margin is allowed); maps farther from the human ones by more than the margin,
+    or significantly farther task by task; and no measurable gain (no more tasks fixed than
+    broken, and maps no closer on average).
     """
+    evidence = max(len(before.correct), len(before.distances))
+    if evidence < margins.min_evidence:
+        return [
+            f"too little held-out evidence to judge: {evidence} held-out task(s) with a class or "
+            f"a map, at least {margins.min_evidence} needed; label more tasks"
+        ]
+    paired = compare(before, after)
     reasons = []
     old, new = before.accuracy, after.accuracy
     if old is not None and new is not None and new < old - margins.accuracy:
         reasons.append(
             f"held-out accuracy fell from {old:.3f} to {new:.3f} (margin {margins.accuracy})"
         )
-    if after.map_mse > before.map_mse + margins.map_mse:
+    elif paired.broken > paired.fixed and paired.p_accuracy_worse < margins.alpha:
         reasons.append(
-            f"distance to human maps rose from {before.map_mse:.4f} to {after.map_mse:.4f} "
-            f"(margin {margins.map_mse})"
+            f"held-out accuracy fell: {paired.broken} task(s) right before are wrong now, "
+            f"{paired.fixed} the other way (sign test p={paired.p_accuracy_worse:.3f})"
+        )
+    old_map, new_map = before.map_mse, after.map_mse
+    if old_map is not None and new_map is not None:
+        if new_map > old_map + margins.map_mse:
+            reasons.append(
+                f"distance to human maps rose from {old_map:.4f} to {new_map:.4f} "
+                f"(margin {margins.map_mse})"
+            )
+        elif paired.maps_farther > paired.maps_closer and paired.p_maps_worse < margins.alpha:
+            reasons.append(
+                f"maps moved away from the human ones on {paired.maps_farther} held-out task(s), "
+                f"closer on {paired.maps_closer} (sign test p={paired.p_maps_worse:.3f})"
+            )
+    gained_accuracy = paired.fixed > paired.broken
+    gained_maps = old_map is not None and new_map is not None and new_map < old_map
+    if not reasons and not (gained_accuracy or gained_maps):
+        reasons.append(
+            "no measurable gain on the held-out tasks: "
+            f"{paired.fixed} fixed, {paired.broken} broken"
+            + (f", map distance {old_map:.4f} -> {new_map:.4f}" if old_map is not None else "")
         )
     return reasons
 
@@ -166,15 +284,19 @@ def run_round(
     device = config.torch_device()
     train_idx, gate_idx = split(examples.keys, holdout_fraction)
     held, trained = torch.tensor(gate_idx), torch.tensor(train_idx)
+    with_map = examples.with_map
     predicted, attention = predict_all(model, examples.images, device, config.batch_size)
-    before = score(predicted[held], attention[held], examples.labels[held], examples.maps[held])
+    before = score(
+        predicted[held],
+        attention[held],
+        examples.labels[held],
+        examples.maps[held],
+        with_map[held],
+    )
     labels = torch.where(examples.labels >= 0, examples.labels, predicted)
-    # An unedited brush is the annotator confirming the map: every example is a map target.
+    # An unedited brush is the annotator confirming the map: every brush is a map target.
     dataset = InMemoryMapsDataset(
-        examples.images[trained],
-        labels[trained],
-        examples.maps[trained],
-        torch.ones(len(trained), dtype=torch.bool),
+        examples.images[trained], labels[trained], examples.maps[trained], with_map[trained]
     )
     tuned, new_meta = finetune(
         model,
@@ -189,6 +311,7 @@ def run_round(
         *predict_all(tuned, examples.images[held], device, config.batch_size),
         examples.labels[held],
         examples.maps[held],
+        with_map[held],
     )
     return RoundOutcome(
         model=tuned,
@@ -197,5 +320,6 @@ def run_round(
         held_out=gate_idx,
         before=before,
         after=after,
+        comparison=compare(before, after),
         refusals=gate(before, after, margins),
     )

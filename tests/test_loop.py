@@ -46,6 +46,7 @@ def loop(tmp_path: Path, tiny_checkpoint: Path, fake_ls: FakeLabelStudio) -> Ite
         "ABN_SWAP_INTERVAL": "0.2",
         "ABN_GATE_ACCURACY_MARGIN": "1",
         "ABN_GATE_MAP_MARGIN": "1",
+        "ABN_GATE_MIN_EVIDENCE": "1",  # rounds of a handful: the gate's statistics are test_round's
     }
     with running_backend(tmp_path, tiny_checkpoint, **env) as deployment:
         yield deployment

@@ -15,6 +15,7 @@ from model.round import (
     is_held_out,
     run_round,
     score,
+    sign_test,
     split,
 )
 from model.train import TrainConfig
@@ -22,34 +23,74 @@ from model.train import TrainConfig
 MARGINS = GateMargins(accuracy=0.25, map_mse=0.125)  # exactly representable in binary
 
 
-def scores(accuracy: float | None, distance: float) -> Scores:
-    return Scores(accuracy=accuracy, map_mse=distance, count=8)
+def scores(correct: str, distances: list[float]) -> Scores:
+    """Per-task scores: `correct` as "1101" (1: right), distances to the human maps."""
+    right = tuple(c == "1" for c in correct)
+    return Scores(
+        accuracy=sum(right) / len(right) if right else None,
+        map_mse=sum(distances) / len(distances) if distances else None,
+        count=max(len(right), len(distances)),
+        correct=right,
+        distances=tuple(distances),
+    )
+
+
+MAPS = [0.25] * 8
 
 
 @pytest.mark.parametrize(
-    ("after_accuracy", "after_map", "refused"),
+    ("before", "after", "refused"),
     [
-        (0.75, 0.25, []),  # no change
-        (0.5, 0.25, []),  # lost exactly the accuracy margin
-        (0.4375, 0.25, ["accuracy"]),  # lost more
-        (0.75, 0.375, []),  # gained exactly the map margin
-        (0.75, 0.376, ["distance"]),
-        (0.0, 1.0, ["accuracy", "distance"]),
-        (None, 0.25, []),  # no known class among the held-out: accuracy cannot judge
+        # More fixed than broken, maps unchanged: a gain.
+        (scores("11110000", MAPS), scores("11111000", MAPS), []),
+        # Maps closer, classes unchanged: a gain.
+        (scores("11110000", MAPS), scores("11110000", [0.2] * 8), []),
+        # Nothing changed: no measurable gain (Start Training with nothing new learnt).
+        (scores("11110000", MAPS), scores("11110000", MAPS), ["no measurable gain"]),
+        # Lost exactly the accuracy margin, not significant (2 broken, 0 fixed: p = 0.25),
+        # and maps closer: published.
+        (scores("11110000", MAPS), scores("11000000", [0.2] * 8), []),
+        # Lost more than the margin.
+        (scores("11111111", MAPS), scores("10000001", [0.2] * 8), ["accuracy fell from"]),
+        # Within the margin but significant: 5 broken, 0 fixed over 24 tasks (p = 0.031).
+        (scores("1" * 20 + "0000", MAPS), scores("1" * 15 + "0" * 9, [0.2] * 8), ["sign test"]),
+        # Maps farther beyond the margin (exactly the margin is allowed).
+        # (half the tasks farther: 4 of 4 changes, p = 0.0625, not significant).
+        (scores("11110000", MAPS), scores("11111000", [0.5] * 4 + [0.25] * 4), []),
+        (
+            scores("11110000", MAPS),
+            scores("11111000", [0.502] * 4 + [0.25] * 4),
+            ["distance to human maps"],
+        ),
+        # Maps farther on most tasks, significantly, within the margin.
+        (scores("11110000", MAPS), scores("11111000", [0.3] * 8), ["maps moved away"]),
+        # Too few held-out tasks to judge anything.
+        (scores("111", [0.25] * 3), scores("111", [0.1] * 3), ["too little held-out evidence"]),
+        # Only maps held out (no class known): judged on the maps.
+        (scores("", MAPS), scores("", [0.2] * 8), []),
     ],
 )
-def test_gate_at_its_margins(
-    after_accuracy: float | None, after_map: float, refused: list[str]
-) -> None:
-    reasons = gate(scores(0.75, 0.25), scores(after_accuracy, after_map), MARGINS)
-    assert len(reasons) == len(refused)
-    for reason, word in zip(reasons, refused, strict=True):
-        assert word in reason
+def test_gate(before: Scores, after: Scores, refused: list[str]) -> None:
+    reasons = gate(before, after, MARGINS)
+    assert len(reasons) == len(refused), reasons
+    for reason, words in zip(reasons, refused, strict=True):
+        assert words in reason
 
 
 def test_gate_says_the_numbers() -> None:
-    [reason] = gate(scores(1.0, 0.1), scores(0.0, 0.1), MARGINS)
+    [reason] = gate(scores("1" * 8, MAPS), scores("0" * 8, MAPS), MARGINS)
     assert reason == "held-out accuracy fell from 1.000 to 0.000 (margin 0.25)"
+    [reason] = gate(scores("11110000", MAPS), scores("11110000", MAPS), MARGINS)
+    assert reason == (
+        "no measurable gain on the held-out tasks: 0 fixed, 0 broken, map distance 0.2500 -> 0.2500"
+    )
+
+
+def test_sign_test_is_exact() -> None:
+    assert sign_test(0, 0) == 1.0
+    assert sign_test(5, 0) == pytest.approx(1 / 32)
+    assert sign_test(3, 1) == pytest.approx(5 / 16)  # P(X >= 3), X ~ Bin(4, 1/2)
+    assert sign_test(0, 4) == 1.0
 
 
 def test_split_is_stable_and_never_empty() -> None:
@@ -78,30 +119,38 @@ def test_a_tiny_round_trains_and_judges() -> None:
     torch.manual_seed(0)
     model = build_abn("resnet18", 3)
     meta = make_meta("abn", "resnet18", ["a", "b", "c"], image_size=32)
+    has_map = torch.tensor([True, False] * 10)  # class labels alone beside maps
     examples = Examples(
-        images=torch.randn(10, 3, 32, 32),
-        labels=torch.tensor([0, 1, 2, -1, 0, 1, 2, 0, 1, 2]),
-        maps=torch.rand(10, 1, 2, 2),
-        keys=tuple(range(100, 110)),
+        images=torch.randn(20, 3, 32, 32),
+        labels=torch.tensor([0, 1, 2, -1, 0, 1, 2, 0, 1, 2] * 2),
+        maps=torch.rand(20, 1, 2, 2) * has_map[:, None, None, None],
+        keys=tuple(range(100, 120)),
+        has_map=has_map,
     )
+    margins = GateMargins(accuracy=1.0, map_mse=1.0, min_evidence=1)
     outcome = run_round(
         model,
         meta,
         examples,
         TrainConfig(epochs=1, batch_size=4, device="cpu"),
-        margins=GateMargins(accuracy=1.0, map_mse=1.0),
+        margins=margins,
         holdout_fraction=0.3,
-        data_label="ten examples",
+        data_label="twenty examples",
     )
-    assert sorted(outcome.trained + outcome.held_out) == list(range(10))
-    assert outcome.before.count == outcome.after.count == len(outcome.held_out)
-    assert outcome.accepted and outcome.meta["settings"]["data"] == "ten examples"
+    assert sorted(outcome.trained + outcome.held_out) == list(range(20))
+    held = outcome.held_out
+    assert outcome.before.count == outcome.after.count == len(held)
+    assert len(outcome.before.distances) == int(has_map[held].sum())  # maps only where given
+    assert len(outcome.before.correct) == int((examples.labels[held] >= 0).sum())
+    assert outcome.refusals == gate(outcome.before, outcome.after, margins)
+    assert outcome.meta["settings"]["data"] == "twenty examples"
     refused = run_round(
         outcome.model,
         outcome.meta,
         examples,
         TrainConfig(epochs=1, batch_size=4, device="cpu"),
-        margins=GateMargins(accuracy=1.0, map_mse=-1.0),  # nothing can pass
+        margins=GateMargins(accuracy=1.0, map_mse=-1.0, min_evidence=1),  # nothing can pass
+        holdout_fraction=0.3,
     )
     assert not refused.accepted and "distance to human maps" in refused.refusals[0]
     with pytest.raises(ValueError, match="at least one example"):

@@ -17,7 +17,7 @@ from backend.label_config import label_config_for
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import LoopStore
-from backend.training import TrainingRefused, train_project
+from backend.training import TrainingRefused, train_project, write_last_result
 from model import load_checkpoint
 from model.first_model import FirstModelError
 
@@ -35,6 +35,7 @@ def settings_for(tmp_path: Path, fake: FakeLabelStudio) -> Settings:
         finetune_epochs=1,
         gate_accuracy_margin=1.0,
         gate_map_margin=1.0,
+        gate_min_evidence=1,
         train_device="cpu",
     )
 
@@ -130,3 +131,37 @@ def test_labels_of_one_class_only_are_refused_with_what_to_label(
     with pytest.raises(FirstModelError, match=r"label some tasks of another class \(pear\)"):
         train_project("10", settings)
     assert ModelRegistry(settings.model_dir, "10").current() is None
+
+
+def test_a_round_learns_from_every_labelled_task_and_never_twice_from_the_same(
+    tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
+) -> None:
+    settings = settings_for(tmp_path, fake_ls)
+    ModelRegistry(settings.model_dir, "11").publish_file(tiny_checkpoint)  # its own p11-v1
+    store = LoopStore(settings.layout.corrections_db)
+    store.remember_label_config("11", label_config_for(CLASSES))
+    for aid in range(1, 9):  # class labels alone, from before the model existed
+        fake_ls.add(f"/data/upload/11/{aid}.png", png_bytes(color=(30 * aid, 90, 90)))
+        store.put(labelled("11", aid, CLASSES[aid % 3]))
+    fake_ls.add("/data/upload/11/9.png", png_bytes())
+    store.put(labelled("11", 9, "dog", np.full((4, 4), 0.7, np.float32)))  # one edited map
+
+    refused = settings.replace(gate_map_margin=-1.0)  # nothing can pass this gate
+    record = train_project("11", refused, "START_TRAINING")
+    write_last_result(settings, "11", record)  # as the RQ job does
+
+    assert record["status"] == "rejected"
+    used = set(record["annotation_ids"]) | set(record["held_out_annotation_ids"])
+    assert used == set(range(1, 10))  # the labels alone too, not only the new edit
+    paired = record["gate"]["paired"]
+    assert set(paired) >= {"fixed", "broken", "p_accuracy_worse", "maps_closer"}
+    assert record["gate"]["before"]["count"] == len(record["held_out_annotation_ids"])
+    # Start Training again with nothing new: the refused round is not tried again.
+    again = train_project("11", settings, "START_TRAINING")
+    assert again["status"] == "skipped"
+    assert again["reasons"] == ["nothing new since p11-v1: no annotation was stored after it"]
+    # A new annotation makes the next round train (and this gate lets it through).
+    fake_ls.add("/data/upload/11/10.png", png_bytes())
+    store.put(labelled("11", 10, "fox", np.full((4, 4), 0.2, np.float32)))
+    trained = train_project("11", settings.replace(gate_min_evidence=1), "START_TRAINING")
+    assert trained["status"] in ("published", "rejected") and "gate" in trained

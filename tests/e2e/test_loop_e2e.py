@@ -38,6 +38,7 @@ def backend(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Loop]:
         "ABN_SWAP_INTERVAL": "0.2",
         "ABN_GATE_ACCURACY_MARGIN": "1",
         "ABN_GATE_MAP_MARGIN": "1",
+        "ABN_GATE_MIN_EVIDENCE": "1",  # rounds of a handful: the gate's statistics are test_round's
     }
     with running_backend(tmp_path, tiny_checkpoint, auth=AUTH, **env) as deployment:
         yield deployment
