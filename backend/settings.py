@@ -92,7 +92,7 @@ class Settings:
     gate_accuracy_margin: float = 0.05  # ABN_GATE_ACCURACY_MARGIN: accuracy it may lose
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
     gate_alpha: float = 0.05  # ABN_GATE_ALPHA: significance of the gate's paired sign tests
-    gate_min_evidence: int = 4  # ABN_GATE_MIN_EVIDENCE: held-out tasks needed to judge a round
+    gate_min_evidence: int = 5  # ABN_GATE_MIN_EVIDENCE: held-out tasks needed to judge a round
     swap_interval: float = 0.5  # ABN_SWAP_INTERVAL: seconds between registry polls
 
     # Projects and their first models (docs/projects.md).

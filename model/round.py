@@ -97,7 +97,7 @@ class GateMargins:
     accuracy: float = 0.05  # accuracy it may lose, whatever the test says
     map_mse: float = 0.01  # mean map distance it may gain
     alpha: float = 0.05  # significance of the paired tests
-    min_evidence: int = 4  # held-out tasks (with a class or a map) needed to judge at all
+    min_evidence: int = 5  # held-out tasks needed to judge at all: the sign test's least
 
 
 def sign_test(losses: int, wins: int) -> float:
