@@ -89,6 +89,9 @@ class Settings:
     finetune_batch_size: int = 16  # ABN_FINETUNE_BATCH_SIZE
     finetune_lr: float | None = None  # ABN_FINETUNE_LR; default 0.1 per 256 images
     holdout_fraction: float = 0.2  # ABN_HOLDOUT_FRACTION: corrections kept out for the gate
+    # ABN_COUNTERFACTUALS: counterfactual copies of each corrected image a round adds
+    # (model/counterfactual.py); 0, the default, is the paper's objective alone.
+    counterfactuals: int = 0
     gate_accuracy_margin: float = 0.05  # ABN_GATE_ACCURACY_MARGIN: accuracy it may lose
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
     gate_alpha: float = 0.05  # ABN_GATE_ALPHA: significance of the gate's paired sign tests
@@ -165,6 +168,7 @@ class Settings:
             ),
             finetune_lr=_float(env, "ABN_FINETUNE_LR", None),
             holdout_fraction=_float(env, "ABN_HOLDOUT_FRACTION", defaults.holdout_fraction),
+            counterfactuals=_int(env, "ABN_COUNTERFACTUALS", defaults.counterfactuals, 0, 64),
             gate_accuracy_margin=_float(
                 env, "ABN_GATE_ACCURACY_MARGIN", defaults.gate_accuracy_margin, positive=False
             ),

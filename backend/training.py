@@ -276,6 +276,7 @@ def run_project_round(
         holdout_fraction=settings.holdout_fraction,
         data_label=f"project {project} annotations",
         progress=on_epoch,
+        counterfactual_copies=settings.counterfactuals,
     )
     trained_ids = [kept[i].annotation_id for i in outcome.trained]
     gate_record = {

@@ -35,6 +35,7 @@ import torch
 
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta
+from model.counterfactual import counterfactuals
 from model.data import InMemoryMapsDataset
 from model.metrics import map_mse
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune
@@ -276,8 +277,13 @@ def run_round(
     holdout_fraction: float = 0.2,
     data_label: str = "corrections",
     progress: Callable[[dict[str, Any]], None] | None = None,
+    counterfactual_copies: int = 0,
 ) -> RoundOutcome:
-    """Split, fine-tune `model`'s branches (in place), and gate it against how it was before."""
+    """Split, fine-tune `model`'s branches (in place), and gate it against how it was before.
+
+    `counterfactual_copies`: that many counterfactual copies of every training example with a
+    map join the training share (``model/counterfactual.py``); 0 is the paper's objective.
+    """
     if len(examples) == 0:
         raise ValueError("a round needs at least one example")
     margins = margins or GateMargins()
@@ -295,9 +301,19 @@ def run_round(
     )
     labels = torch.where(examples.labels >= 0, examples.labels, predicted)
     # An unedited brush is the annotator confirming the map: every brush is a map target.
-    dataset = InMemoryMapsDataset(
-        examples.images[trained], labels[trained], examples.maps[trained], with_map[trained]
+    images, labels, maps, has_map = (
+        examples.images[trained],
+        labels[trained],
+        examples.maps[trained],
+        with_map[trained],
     )
+    if counterfactual_copies:
+        extra, source = counterfactuals(
+            images, maps, has_map, counterfactual_copies, torch.Generator().manual_seed(config.seed)
+        )
+        images, labels = torch.cat([images, extra]), torch.cat([labels, labels[source]])
+        maps, has_map = torch.cat([maps, maps[source]]), torch.cat([has_map, has_map[source]])
+    dataset = InMemoryMapsDataset(images, labels, maps, has_map)
     tuned, new_meta = finetune(
         model,
         meta,
@@ -307,6 +323,7 @@ def run_round(
         data_label=data_label,
         progress=progress,
     )
+    new_meta["settings"]["counterfactual_copies"] = counterfactual_copies
     after = score(
         *predict_all(tuned, examples.images[held], device, config.batch_size),
         examples.labels[held],

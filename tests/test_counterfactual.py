@@ -1,0 +1,66 @@
+"""model/counterfactual.py: copies that keep the mapped pixels and take the rest elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from model import build_abn
+from model.checkpoint import make_meta
+from model.counterfactual import counterfactuals
+from model.round import Examples, GateMargins, run_round
+from model.train import TrainConfig
+
+
+def test_inside_the_map_is_kept_and_outside_comes_from_another_image() -> None:
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    maps = torch.zeros(4, 1, 2, 2)
+    maps[:, :, :, 0] = 1.0  # look at the left half
+    has_map = torch.tensor([True, True, False, True])
+    out, source = counterfactuals(images, maps, has_map, 3, torch.Generator().manual_seed(0))
+    assert out.shape == (9, 3, 8, 8) and source.tolist() == [0, 0, 0, 1, 1, 1, 3, 3, 3]
+    for copy, i in zip(out, source.tolist(), strict=True):
+        assert torch.all(copy[:, :, :2] == float(i))  # the mapped side, exactly the original
+        donor = copy[0, 0, 7].item()  # the far right: wholly the donor's
+        assert donor != float(i) and donor in (0.0, 1.0, 2.0, 3.0)
+        assert torch.all(copy[:, :, 6:] == donor)  # (bilinear: the middle columns blend)
+    again, _ = counterfactuals(images, maps, has_map, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)  # same seed, same copies
+
+
+def test_nothing_to_copy() -> None:
+    images = torch.zeros(3, 3, 8, 8)
+    maps = torch.ones(3, 1, 2, 2)
+    generator = torch.Generator().manual_seed(0)
+    assert (
+        len(counterfactuals(images, maps, torch.zeros(3, dtype=torch.bool), 2, generator)[0]) == 0
+    )
+    assert len(counterfactuals(images, maps, torch.ones(3, dtype=torch.bool), 0, generator)[0]) == 0
+    assert (
+        len(counterfactuals(images[:1], maps[:1], torch.ones(1, dtype=torch.bool), 2, generator)[0])
+        == 0
+    )
+
+
+def test_a_round_trains_on_its_counterfactual_copies() -> None:
+    torch.manual_seed(0)
+    model = build_abn("resnet18", 2)
+    meta = make_meta("abn", "resnet18", ["a", "b"], image_size=32)
+    examples = Examples(
+        images=torch.randn(12, 3, 32, 32),
+        labels=torch.tensor([0, 1] * 6),
+        maps=torch.rand(12, 1, 2, 2),
+        keys=tuple(range(12)),
+    )
+    seen: list[int] = []
+    outcome = run_round(
+        model,
+        meta,
+        examples,
+        TrainConfig(epochs=1, batch_size=64, device="cpu"),
+        margins=GateMargins(min_evidence=1),
+        holdout_fraction=0.3,
+        progress=lambda row: seen.append(row["epoch"]),
+        counterfactual_copies=2,
+    )
+    assert outcome.meta["settings"]["counterfactual_copies"] == 2 and seen == [1]
+    assert outcome.before.count == len(outcome.held_out)  # the gate sees no copy
