@@ -90,9 +90,9 @@ def cmd_run(args: argparse.Namespace) -> None:
                 env=env,
             ),
         ]
-        print_connection_help(args.host, args.port, current and current["version"], settings)
+        ready = ReadyBanner(args.host, args.port, current and current["version"], settings)
         try:
-            _wait(children)
+            _wait(children, ready)
         finally:
             _stop(children)
 
@@ -101,12 +101,43 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _wait(children: list[subprocess.Popen]) -> None:
-    """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too)."""
+class ReadyBanner:
+    """How to connect Label Studio, then one ``READY <url>`` line, once the backend answers
+    ``/health`` (gunicorn listens before its workers have loaded their models)."""
+
+    def __init__(self, host: str, port: int, version: str | None, settings: Settings) -> None:
+        shown = "localhost" if host in ("0.0.0.0", "::") else host
+        self.url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+        self.version, self.settings = version, settings
+        self.done = False
+
+    def check(self) -> None:
+        if self.done:
+            return
+        import requests
+
+        auth = None
+        if self.settings.auth_enabled:
+            auth = (self.settings.basic_auth_user or "", self.settings.basic_auth_pass or "")
+        try:
+            answered = requests.get(f"{self.url}/health", auth=auth, timeout=5).status_code == 200
+        except requests.RequestException:
+            return  # not listening yet, or still loading
+        if answered:
+            self.done = True
+            print_connection_help(self.url, self.version, self.settings)
+            model = f"shared model {self.version}" if self.version else "no shared model"
+            print(f"READY {self.url} ({model})", flush=True)
+
+
+def _wait(children: list[subprocess.Popen], ready: ReadyBanner) -> None:
+    """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too); says READY
+    once the backend answers."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
         signal.signal(signum, _interrupt)
     try:
         while all(c.poll() is None for c in children):
+            ready.check()
             time.sleep(0.5)
         dead = [c for c in children if c.poll() is not None]
         log.error("%s exited with %s; stopping", dead[0].args[-1], dead[0].returncode)
@@ -126,8 +157,7 @@ def _stop(children: list[subprocess.Popen]) -> None:
             child.wait()
 
 
-def print_connection_help(host: str, port: int, version: str | None, settings: Settings) -> None:
-    shown = "localhost" if host in ("0.0.0.0", "::") else host
+def print_connection_help(url: str, version: str | None, settings: Settings) -> None:
     auth = "on (BASIC_AUTH_USER)" if settings.auth_enabled else "off"
     model = f"shared model {version}" if version else "no shared model"
     config = (
@@ -136,10 +166,10 @@ def print_connection_help(host: str, port: int, version: str | None, settings: S
         else ".venv/bin/abn label-config --classes cat,dog,...   (your classes)"
     )
     print(
-        f"\nABN backend on http://{shown}:{port}  ({model}, basic auth {auth})\n"
+        f"\nABN backend on {url}  ({model}, basic auth {auth})\n"
         "Connect a Label Studio project:\n"
         f"  1. Settings > Labeling Interface: paste the output of\n       {config}\n"
-        f"  2. Settings > Model > Connect Model: URL http://{shown}:{port}\n"
+        f"  2. Settings > Model > Connect Model: URL {url}\n"
         "     (Label Studio must be started with ML_BLOCK_LOCAL_IP=false and\n"
         "      SSRF_PROTECTION_ENABLED=false to reach a backend on this machine)\n"
         "  3. A new project: pick the class of some tasks of each class, Submit, then\n"
@@ -159,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
+    from redis.exceptions import RedisError
     from rq import Worker
 
     from backend.jobs import QUEUE_NAME
@@ -167,7 +198,10 @@ def cmd_worker(args: argparse.Namespace) -> None:
     settings = Settings.from_env()
     worker = Worker([QUEUE_NAME], connection=connect(settings.redis_url))
     log.info("training worker listening on %s (queue %s)", settings.redis_url, QUEUE_NAME)
-    worker.work(burst=args.burst, with_scheduler=False)
+    try:
+        worker.work(burst=args.burst, with_scheduler=False)
+    except RedisError as exc:  # RQ retries while it works; this is Redis gone at start or stop
+        raise SystemExit(f"error: the training worker lost Redis ({exc})") from None
 
 
 def cmd_label_config(args: argparse.Namespace) -> None:

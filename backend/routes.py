@@ -61,8 +61,15 @@ protocol = Blueprint("protocol", __name__)
 
 @protocol.get("/health")
 def health() -> Response:
-    shared = services().models.shared_model
-    return jsonify(status="UP", model_class="ABN", model_version=shared.version if shared else None)
+    """Always 200 while the backend serves (Label Studio fails the connection otherwise);
+    ``degraded`` lists what does not work now (Redis away: training requests wait)."""
+    svc = services()
+    shared = svc.models.shared_model
+    reply = {"status": "UP", "model_class": "ABN", "model_version": shared and shared.version}
+    degraded = svc.loop.degraded()
+    if degraded:
+        reply["degraded"] = svc.paths.scrub(degraded)
+    return jsonify(reply)
 
 
 def resolve(project: object, config: str | None) -> ProjectModel | Response:
@@ -235,6 +242,7 @@ def status() -> Response:
         uptime_s=round(time.time() - svc.started_at, 1),
         auth=svc.settings.auth_enabled,
         project_models=svc.models.loaded(),
+        degraded=svc.loop.degraded(),
     )
     if project is not None:
         reply["project"] = project_status(project)

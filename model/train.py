@@ -159,7 +159,9 @@ def train(
         started = time.perf_counter()
         model.train()
         loss_sum = correct = seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False)
+        bar = tqdm(
+            loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", leave=False, disable=None
+        )
         for images, labels, *_ in bar:
             images, labels = images.to(device), labels.to(device)
             with autocast(device):
@@ -238,7 +240,7 @@ def cache_features(
     loader = DataLoader(dataset, batch_size=batch_size)
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     for images, labels, maps, has_map in tqdm(
-        loader, desc="caching trunk", unit="batch", leave=False
+        loader, desc="caching trunk", unit="batch", leave=False, disable=None
     ):
         with autocast(device):
             feats = model.features(images.to(device))
@@ -299,7 +301,13 @@ def finetune(
         started = time.perf_counter()
         set_branches_train(model, batch_statistics=len(source) > 1)
         loss_sum = seen = 0.0
-        bar = tqdm(loader, desc=f"fine-tune {epoch}/{config.epochs}", unit="batch", leave=False)
+        bar = tqdm(
+            loader,
+            desc=f"fine-tune {epoch}/{config.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None,
+        )
         for inputs, labels, maps, has_map in bar:
             inputs, labels = inputs.to(device), labels.to(device)
             maps, has_map = maps.to(device), has_map.to(device)

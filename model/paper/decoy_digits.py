@@ -76,7 +76,7 @@ def build_decoy_digits(out_dir: str | Path, correlation: float = 0.9, seed: int 
     )
     rng = np.random.default_rng(seed)
     for split, chosen in (("train", train_idx), ("test", test_idx)):
-        for i in tqdm(chosen, desc=f"{NAME} {split}", unit="img", leave=False):
+        for i in tqdm(chosen, desc=f"{NAME} {split}", unit="img", leave=False, disable=None):
             label = int(digits.target[i])
             shortcut = split == "train" and rng.random() < correlation
             colour = COLOURS[label] if shortcut else COLOURS[int(rng.integers(10))]

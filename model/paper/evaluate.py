@@ -357,7 +357,7 @@ def _evaluate_candidate(
     all_logits, all_labels = [], []
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     offset = 0
-    bar = tqdm(loader, desc=f"evaluate {candidate.role}", unit="batch", leave=False)
+    bar = tqdm(loader, desc=f"evaluate {candidate.role}", unit="batch", leave=False, disable=None)
     for images, labels, human, has_map in bar:
         images = images.to(device)
         with torch.no_grad():

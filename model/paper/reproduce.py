@@ -118,7 +118,9 @@ def true_class_confidence(
     model.to(device).eval()
     probs, correct = [], []
     loader = DataLoader(dataset, batch_size=batch_size)
-    for images, labels, *_ in tqdm(loader, desc="scoring train split", unit="batch", leave=False):
+    for images, labels, *_ in tqdm(
+        loader, desc="scoring train split", unit="batch", leave=False, disable=None
+    ):
         p = model(images.to(device)).perception_logits.float().softmax(dim=1).cpu()
         probs.append(p.gather(1, labels[:, None])[:, 0])
         correct.append(p.argmax(dim=1) == labels)
