@@ -23,6 +23,7 @@ from backend.settings import Settings
 from model import cli as model_cli
 from model.checkpoint import read_checkpoint, save_checkpoint
 from model.paper.decoy_digits import NAME as DECOY_DIGITS
+from model.selection import STRATEGIES
 from model.train import TrainConfig, train
 
 log = logging.getLogger("abn")
@@ -260,6 +261,30 @@ def cmd_dataset(args: argparse.Namespace) -> None:
         print(f"  {line}")
 
 
+def cmd_round(args: argparse.Namespace) -> None:
+    from backend.label_studio import LabelStudioAPI, ProjectConnections
+    from backend.rounds import make_round
+
+    settings = Settings.from_env()
+    url, token = args.label_studio or settings.label_studio_url, args.token
+    if url is None:  # the host and token the project's /setup gave the backend
+        known = ProjectConnections(settings.projects_dir).get(args.project)
+        if known is None:
+            raise SystemExit(
+                f"error: no Label Studio URL: pass --label-studio URL, set LABEL_STUDIO_URL, or "
+                f"connect project {args.project} to the backend first"
+            )
+        url, token = known.url, token or known.token
+    token = token or settings.label_studio_api_key
+    record = make_round(
+        LabelStudioAPI(url, token), args.project, args.strategy, args.size, settings
+    )
+    print(f"{record.title}: tab {record.view_id}, {len(record.tasks)} tasks")
+    print(f"  {record.url}")
+    for reason, count in record.left_out.items():
+        print(f"  left out: {count} {reason}")
+
+
 def cmd_versions(args: argparse.Namespace) -> None:
     from backend.registry import lineage_of
 
@@ -366,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--test-fraction", type=float, default=0.2, help="share of tasks in the test split"
     )
     p.set_defaults(func=cmd_dataset)
+
+    p = sub.add_parser(
+        "round", help="an active-learning round: a Label Studio tab of the tasks to correct"
+    )
+    p.add_argument("--project", required=True, type=int, help="the project id")
+    p.add_argument("--strategy", default="least-confident", choices=STRATEGIES)
+    p.add_argument("--size", type=int, default=20, help="tasks in the round")
+    p.add_argument("--label-studio", metavar="URL", help="default: LABEL_STUDIO_URL, or /setup's")
+    p.add_argument("--token", help="API token (default: LABEL_STUDIO_API_KEY, or /setup's)")
+    p.set_defaults(func=cmd_round)
 
     p = sub.add_parser("versions", help="list published versions and their lineage")
     p.add_argument("--project", help="only that project's own versions")

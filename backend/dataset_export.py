@@ -22,23 +22,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import requests
 from PIL import Image
 from tqdm import tqdm
 
 from backend.corrections import CorrectionError, brush_alpha, chosen_class
 from backend.images import ImageFetchError, ImageLoader
 from backend.label_config import LabelConfigError, config_classes, targets_for
-from backend.label_studio import LabelStudioConnection
+from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
 from backend.settings import Settings
-from model.errors import UserError
 from model.round import is_held_out
 
 log = logging.getLogger(__name__)
 
 
-class ExportError(UserError, RuntimeError):
-    """Label Studio refused, or the project cannot become a dataset."""
+class ExportError(LabelStudioAPIError):
+    """The project cannot become a dataset (Label Studio's refusals are LabelStudioAPIError)."""
 
 
 @dataclass
@@ -78,10 +76,8 @@ def export_project(
     test_fraction: float = 0.2,
 ) -> ExportSummary:
     """Write `project`'s annotated tasks under `out`; returns what was written."""
-    conn = LabelStudioConnection(url.rstrip("/"), token)
-    session = requests.Session()
-    session.headers.update(conn.auth_header())
-    info = _get(session, f"{conn.url}/api/projects/{project}/", settings.image_timeout)
+    api = LabelStudioAPI(url, token, timeout=max(settings.image_timeout, 300.0))
+    info = api.call("GET", f"/api/projects/{project}/")
     config = info.get("label_config") if isinstance(info, dict) else None
     if not isinstance(config, str):
         raise ExportError(f"project {project}: Label Studio sent no label_config")
@@ -90,16 +86,12 @@ def export_project(
         targets = targets_for(config, classes, settings.other_choices)
     except LabelConfigError as exc:
         raise ExportError(f"project {project}: {exc}") from exc
-    tasks = _get(
-        session,
-        f"{conn.url}/api/projects/{project}/export?exportType=JSON",
-        max(settings.image_timeout, 300.0),
-    )
+    tasks = api.call("GET", f"/api/projects/{project}/export", params={"exportType": "JSON"})
     if not isinstance(tasks, list):
         raise ExportError(f"project {project}: the export is not a list of tasks")
     loader = ImageLoader(
         dataclasses.replace(
-            settings, label_studio_url=conn.url, label_studio_api_key=token, image_cache=False
+            settings, label_studio_url=api.conn.url, label_studio_api_key=token, image_cache=False
         )
     )
     summary = ExportSummary(classes=list(classes))
@@ -149,21 +141,3 @@ def _export_task(
         Image.fromarray(brush[0]).save(maps / f"{task['id']}.png")
         summary.maps += 1
     return None
-
-
-def _get(session: requests.Session, url: str, timeout: float) -> Any:
-    try:
-        reply = session.get(url, timeout=timeout)
-    except requests.RequestException as exc:
-        raise ExportError(f"cannot reach Label Studio at {url}: {exc}") from exc
-    if reply.status_code in (401, 403):
-        raise ExportError(
-            f"Label Studio refused {url} (HTTP {reply.status_code}): pass --token or set "
-            "LABEL_STUDIO_API_KEY to a token of a member of the project"
-        )
-    if not reply.ok:
-        raise ExportError(f"Label Studio answered {url} with HTTP {reply.status_code}")
-    try:
-        return reply.json()
-    except ValueError as exc:
-        raise ExportError(f"{url} did not answer JSON") from exc

@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit
 import requests
 
 from model.checkpoint import atomic_write
+from model.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -372,3 +373,71 @@ class WebhookAuthorizer:
 def basic_header(user: str, password: str) -> str:
     """The ``Authorization`` value of HTTP basic auth."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+class LabelStudioAPIError(UserError, RuntimeError):
+    """Label Studio refused a call, or could not be reached; the message says which and why.
+
+    `status`: the HTTP status Label Studio answered (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class LabelStudioAPI:
+    """The few REST calls the commands make (export, tabs), with one token, and errors that
+    say what to do."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 60.0) -> None:
+        self.conn = LabelStudioConnection(url.rstrip("/"), token)
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.headers.update(self.conn.auth_header())
+
+    def call(self, method: str, path: str, **kwargs: object) -> object:
+        """JSON of ``method path``; a :class:`LabelStudioAPIError` for anything else."""
+        url = f"{self.conn.url}{path}"
+        try:
+            reply = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.RequestException as exc:
+            raise LabelStudioAPIError(f"cannot reach Label Studio at {url}: {exc}") from exc
+        if reply.status_code in (401, 403):
+            raise LabelStudioAPIError(
+                f"Label Studio refused {url} (HTTP {reply.status_code}): pass --token or set "
+                "LABEL_STUDIO_API_KEY to a token of a member of the project",
+                reply.status_code,
+            )
+        if not reply.ok:
+            raise LabelStudioAPIError(
+                f"Label Studio answered {method} {url} with HTTP {reply.status_code}: "
+                f"{reply.text[:300]}",
+                reply.status_code,
+            )
+        if not reply.content:
+            return None
+        try:
+            return reply.json()
+        except ValueError as exc:
+            raise LabelStudioAPIError(f"{url} did not answer JSON") from exc
+
+    def tasks(self, project: int) -> list[dict]:
+        """Every task of `project`, with its annotations and predictions."""
+        out: list[dict] = []
+        page = 1
+        while True:
+            try:
+                reply = self.call(
+                    "GET",
+                    "/api/tasks/",
+                    params={"project": project, "page": page, "page_size": 100, "fields": "all"},
+                )
+            except LabelStudioAPIError as exc:
+                if exc.status == 404 and page > 1:  # past the last full page
+                    return out
+                raise
+            batch = reply.get("tasks", []) if isinstance(reply, dict) else []
+            out.extend(t for t in batch if isinstance(t, dict))
+            if len(batch) < 100:
+                return out
+            page += 1

@@ -10,6 +10,7 @@
     MODEL_DIR/corrections.sqlite3      corrections, which version predicted each task, requests
     MODEL_DIR/jobs/<project>.json      the last training job's outcome, per project
     MODEL_DIR/projects/<project>.json  the Label Studio host and token /setup sent (0600)
+    MODEL_DIR/rounds/<project>/        active-learning rounds: round-<k>.json each
     MODEL_DIR/cache/images/            downloaded task images (ABN_IMAGE_CACHE_DIR moves it)
     MODEL_DIR/metrics/gunicorn-<pid>/  Prometheus values shared by one server's workers
     MODEL_DIR/default-decoy-digits.pt  the demo model `abn run` trains when given none
@@ -67,6 +68,9 @@ class ModelDirLayout:
     @property
     def projects(self) -> Path:
         return self.root / "projects"
+
+    def rounds(self, project: str) -> Path:
+        return self.root / "rounds" / project
 
     @property
     def image_cache(self) -> Path:

@@ -19,6 +19,7 @@ from backend.brush import encode_rle
 from backend.cli import main
 from backend.dataset_export import ExportError, export_project
 from backend.label_config import label_config_for
+from backend.label_studio import LabelStudioAPIError
 from backend.settings import Settings
 from model.data import AttentionDataset, find_classes
 from model.round import is_held_out
@@ -83,11 +84,14 @@ def test_a_project_becomes_a_dataset_the_offline_commands_read(
 
 def test_a_refusing_label_studio_is_a_clear_error(tmp_path: Path, fake_ls: FakeLabelStudio) -> None:
     serve_project(fake_ls, [])
-    with pytest.raises(ExportError, match="pass --token or set LABEL_STUDIO_API_KEY"):
+    with pytest.raises(LabelStudioAPIError, match="pass --token or set LABEL_STUDIO_API_KEY"):
         export_project(fake_ls.url, 4, tmp_path / "d", "wrong", Settings(model_dir=tmp_path))
-    with pytest.raises(ExportError, match="HTTP 404"):
+    with pytest.raises(LabelStudioAPIError, match="HTTP 404"):
         export_project(fake_ls.url, 5, tmp_path / "d", TOKEN, Settings(model_dir=tmp_path))
-    with pytest.raises(ExportError, match="cannot reach Label Studio"):
+    fake_ls.add("/api/projects/6/", json.dumps({"id": 6, "label_config": "<View/>"}).encode())
+    with pytest.raises(ExportError, match="project 6: the label config has no <Image>"):
+        export_project(fake_ls.url, 6, tmp_path / "d", TOKEN, Settings(model_dir=tmp_path))
+    with pytest.raises(LabelStudioAPIError, match="cannot reach Label Studio"):
         export_project("http://127.0.0.1:9", 4, tmp_path / "d", TOKEN, Settings(model_dir=tmp_path))
 
 

@@ -24,6 +24,8 @@ from skimage import data as skdata
 from backend.brush import encode_rle
 from backend.dataset_export import export_project
 from backend.label_config import label_config_for
+from backend.label_studio import LabelStudioAPI
+from backend.rounds import make_round
 from backend.settings import Settings
 
 from .label_studio import LabelStudioServer
@@ -173,6 +175,21 @@ def test_two_projects_each_train_and_serve_their_own_model(
             assert set(kinds) == {"brushlabels", "choices", "textarea"}
             assert kinds["choices"]["value"]["choices"][0] in classes
             assert 0 < prediction["score"] <= 1
+
+    # An active-learning round: a tab of the four least confident tasks, in that order.
+    settings = Settings(model_dir=backend.model_dir)
+    record = make_round(LabelStudioAPI(ls.url, ls.token), faces, "least-confident", 4, settings)
+    view = ls.api("GET", f"/api/dm/views/{record.view_id}/")
+    assert view["data"]["title"] == record.title and record.title.startswith("Round 1:")
+    shown = ls.api(
+        "GET", "/api/tasks/", params={"project": faces, "view": record.view_id, "fields": "all"}
+    )["tasks"]
+    assert [t["id"] for t in shown] == record.tasks and len(record.tasks) == 4
+    scores = {
+        t["id"]: next(p["score"] for p in t["predictions"] if p["model_version"] == f"p{faces}-v1")
+        for t in ls.tasks(faces)
+    }
+    assert sorted(scores, key=lambda t: (scores[t], t))[:4] == record.tasks
 
     # A round of brush corrections in the faces project...
     before = backend_predictions(backend, ls, things, THINGS_CONFIG)
