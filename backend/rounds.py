@@ -213,13 +213,26 @@ def make_round(
         )
         if not isinstance(view, dict) or not isinstance(view.get("id"), int):
             raise RoundError(f"project {project}: Label Studio made no tab ({str(view)[:200]})")
+        try:  # the order Label Studio's tab shows them in (its prediction score may average
+            # in earlier versions' predictions), which is the order annotators will get
+            shown = api.call(
+                "GET",
+                "/api/tasks/",
+                params={"project": project, "view": view["id"], "page_size": 1000},
+            )
+        except LabelStudioAPIError:
+            delete_tab(api, project, view["id"])
+            raise
+        listed = [t.get("id") for t in (shown or {}).get("tasks", []) if isinstance(t, dict)]
+        wanted = [c.task_id for c in ordered]
+        in_tab = [t for t in listed if t in wanted]
         record = RoundRecord(
             project=project,
             number=number,
             strategy=strategy,
             size=size,
             version=version,
-            tasks=[c.task_id for c in ordered],
+            tasks=in_tab + [t for t in wanted if t not in in_tab],
             view_id=view["id"],
             title=title,
             url=f"{api.conn.url}/projects/{project}/data?tab={view['id']}",
@@ -230,9 +243,14 @@ def make_round(
             with atomic_write(folder / f"round-{number}.json", "w") as f:
                 json.dump(asdict(record), f, indent=1)
         except OSError:
-            try:
-                api.call("DELETE", f"/api/dm/views/{view['id']}/")
-            except LabelStudioAPIError:
-                log.error("the tab %s of project %s could not be deleted", view["id"], project)
+            delete_tab(api, project, view["id"])
             raise
         return record
+
+
+def delete_tab(api: LabelStudioAPI, project: int, view_id: int) -> None:
+    """Take back a tab whose round could not be recorded."""
+    try:
+        api.call("DELETE", f"/api/dm/views/{view_id}/")
+    except LabelStudioAPIError:
+        log.error("the tab %s of project %s could not be deleted", view_id, project)

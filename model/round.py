@@ -261,7 +261,12 @@ def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
         reasons.append(
             "no measurable gain on the held-out tasks: "
             f"{paired.fixed} fixed, {paired.broken} broken"
-            + (f", map distance {old_map:.4f} -> {new_map:.4f}" if old_map is not None else "")
+            + (
+                f", map distance {old_map:.4f} -> {new_map:.4f}"
+                if old_map is not None
+                else "; no held-out task has a map yet, so map corrections cannot show: "
+                "correct the brush of a few more tasks"
+            )
         )
     return reasons
 

@@ -83,6 +83,8 @@ class FakeLabelStudio:
     patches: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     slow_seconds: float = 2.0
     url: str = ""
+    views: list[dict[str, Any]] = field(default_factory=list)  # tabs made (POST /api/dm/views/)
+    accept_views: bool = False  # else POST /api/dm/views/ is a 501, as any other POST
 
     def add(self, path: str, body: bytes, status: int = 200, **headers: str) -> str:
         self.files[path] = (status, body, headers)
@@ -149,6 +151,24 @@ def _handler(fake: FakeLabelStudio) -> type[BaseHTTPRequestHandler]:
                 return
             status, body, headers = entry
             self._send(status, body, headers)
+
+        def do_POST(self) -> None:
+            """Creating a Data Manager tab: answered with a new id (other POSTs: 501)."""
+            fake.requests.append(("POST", self.path, dict(self.headers)))
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))  # kept-alive
+            if not self._authorized():
+                self._send(401, b"{}")
+                return
+            if urlsplit(self.path).path != "/api/dm/views/" or not fake.accept_views:
+                self._send(501, b"not here")
+                return
+            fake.views.append(json.loads(body or b"{}"))
+            reply = json.dumps({"id": len(fake.views), **fake.views[-1]}).encode()
+            self._send(201, reply, {"Content-Type": "application/json"})
+
+        def do_DELETE(self) -> None:
+            fake.requests.append(("DELETE", self.path, dict(self.headers)))
+            self._send(204, b"")
 
         def do_PATCH(self) -> None:
             fake.requests.append(("PATCH", self.path, dict(self.headers)))

@@ -160,3 +160,8 @@ def test_a_tiny_round_trains_and_judges() -> None:
             Examples(torch.empty(0, 3, 32, 32), torch.empty(0), torch.empty(0, 1, 2, 2), ()),
             TrainConfig(epochs=1, device="cpu"),
         )
+
+
+def test_a_round_whose_maps_cannot_be_judged_says_what_to_do() -> None:
+    [reason] = gate(scores("11110000", []), scores("11110000", []), MARGINS)
+    assert "no held-out task has a map yet" in reason and "correct the brush" in reason

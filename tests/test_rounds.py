@@ -78,3 +78,36 @@ def test_nothing_half_made_when_label_studio_fails_and_one_round_at_a_time(
     fake_ls.add("/api/tasks/", json.dumps({"tasks": empty}).encode())
     with pytest.raises(RoundError, match=r"no task to offer for v1 \(2 no prediction by this"):
         make_round(api, 4, "least-confident", 3, settings)
+
+
+def test_a_round_is_a_tab_in_label_studios_order_and_a_failed_read_takes_it_back(
+    tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
+) -> None:
+    settings = Settings(model_dir=tmp_path)
+    ModelRegistry(tmp_path).publish_file(tiny_checkpoint)
+    config = label_config_for(CLASSES)
+    fake_ls.add("/api/projects/4/", json.dumps({"id": 4, "label_config": config}).encode())
+    tasks = [task(i, "v1", i / 10, "cat") for i in range(1, 6)]
+    fake_ls.add("/api/tasks/", json.dumps({"tasks": tasks}).encode())
+    fake_ls.accept_views = True
+    listed = [{"id": 2}, {"id": 1}, {"id": 3}]  # the tab's own order
+    tab = "/api/tasks/?project=4&view={}&page_size=1000"
+    fake_ls.add(tab.format(1), json.dumps({"tasks": listed}).encode())
+    api = LabelStudioAPI(fake_ls.url, TOKEN)
+
+    record = make_round(api, 4, "least-confident", 3, settings)
+
+    [view] = fake_ls.views
+    assert view["project"] == 4 and view["data"]["ordering"] == ["tasks:predictions_score"]
+    assert [f["value"] for f in view["data"]["filters"]["items"]] == [1, 2, 3]
+    assert (record.number, record.view_id, record.tasks) == (1, 1, [2, 1, 3])
+    saved = json.loads((settings.layout.rounds("4") / "round-1.json").read_text())
+    assert saved["tasks"] == [2, 1, 3] and saved["version"] == "v1"
+    assert record.url == f"{fake_ls.url}/projects/4/data?tab=1"
+
+    fake_ls.add(tab.format(2), b"boom", status=500)
+    with pytest.raises(LabelStudioAPIError, match="HTTP 500"):
+        make_round(api, 4, "least-confident", 3, settings)
+    assert ("DELETE", "/api/dm/views/2/") in [(m, path) for m, path, _ in fake_ls.requests]
+    rounds = sorted(p.name for p in settings.layout.rounds("4").glob("round-*.json"))
+    assert rounds == ["round-1.json"]

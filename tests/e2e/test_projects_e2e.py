@@ -184,16 +184,16 @@ def test_two_projects_each_train_and_serve_their_own_model(
     shown = ls.api(
         "GET", "/api/tasks/", params={"project": faces, "view": record.view_id, "fields": "all"}
     )["tasks"]
-    assert [t["id"] for t in shown] == record.tasks and len(record.tasks) == 4
+    assert [t["id"] for t in shown] == record.tasks and len(record.tasks) == 4  # its order
     scores = {
         t["id"]: next(p["score"] for p in t["predictions"] if p["model_version"] == f"p{faces}-v1")
         for t in ls.tasks(faces)
     }
-    assert sorted(scores, key=lambda t: (scores[t], t))[:4] == record.tasks
+    assert set(sorted(scores, key=lambda t: (scores[t], t))[:4]) == set(record.tasks)
 
     # A round of brush corrections in the faces project...
     before = backend_predictions(backend, ls, things, THINGS_CONFIG)
-    for task_id, label in list(face_tasks.items())[:4]:
+    for task_id, label in face_tasks.items():  # held-out tasks too: the gate needs their maps
         [prediction] = [p for p in ls.predictions(task_id) if p["result"]]
         brush = next(r for r in prediction["result"] if r["type"] == "brushlabels")
         width, height = brush["original_width"], brush["original_height"]
@@ -219,6 +219,6 @@ def test_two_projects_each_train_and_serve_their_own_model(
     # The faces project as a dataset on disk, straight from Label Studio.
     out = tmp_path / "faces-dataset"
     summary = export_project(ls.url, faces, out, ls.token, Settings(model_dir=tmp_path / "x"))
-    assert sum(summary.written.values()) == len(face_tasks) and summary.maps == 4
+    assert sum(summary.written.values()) == len(face_tasks) and summary.maps == len(face_tasks)
     written = sorted(p.parent.name for p in out.glob("*/*/*.png"))
     assert written == sorted(face_tasks.values())
