@@ -75,3 +75,21 @@ def test_what_cannot_make_a_classifier_is_refused(data: LabelledImages, needle: 
 def test_lengths_must_agree() -> None:
     with pytest.raises(ValueError, match="same length"):
         LabelledImages([Image.new("RGB", (8, 8))], [0, 1], [1], CLASSES)
+
+
+def test_a_first_model_starts_from_a_local_pretrained_file(tmp_path) -> None:
+    """ABN_PRETRAINED as a file (users with the internet name torchvision weights instead)."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.manual_seed(3)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    config = FirstModelConfig(image_size=32, epochs=1, device="cpu", pretrained=str(weights))
+    model, meta, _ = train_first_model(coloured(3), config)
+    assert meta["settings"]["pretrained"] == str(weights) and meta["settings"]["lr"] == 0.01
+    source = torch.load(weights, weights_only=True)
+    # The trunk came from the file (training moves it, but not far from the start in one
+    # epoch at this learning rate); a fresh init would be unrelated.
+    start = source["layer1.0.conv1.weight"]
+    trained = model.state_dict()["layer1.0.conv1.weight"]
+    assert torch.corrcoef(torch.stack([start.flatten(), trained.flatten()]))[0, 1] > 0.9
