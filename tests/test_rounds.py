@@ -48,6 +48,19 @@ def test_candidates_come_from_this_versions_predictions_and_skip_corrected_tasks
     assert left_out == {"corrected for this version": 1, "no prediction by this version": 1}
 
 
+def project_four(
+    tmp_path: Path, fake_ls: FakeLabelStudio, checkpoint: Path
+) -> tuple[Settings, LabelStudioAPI]:
+    """Project 4 on the shared v1, its five tasks predicted by v1 on the fake host."""
+    settings = Settings(model_dir=tmp_path)
+    ModelRegistry(tmp_path).publish_file(checkpoint)
+    config = label_config_for(CLASSES)
+    fake_ls.add("/api/projects/4/", json.dumps({"id": 4, "label_config": config}).encode())
+    tasks = [task(i, "v1", i / 10, "cat") for i in range(1, 6)]
+    fake_ls.add("/api/tasks/", json.dumps({"tasks": tasks}).encode())
+    return settings, LabelStudioAPI(fake_ls.url, TOKEN)
+
+
 def test_a_project_without_a_model_gets_no_round(tmp_path: Path) -> None:
     api = LabelStudioAPI("http://127.0.0.1:9", TOKEN)  # never called
     with pytest.raises(RoundError, match="project 4 has no model yet"):
@@ -59,13 +72,7 @@ def test_nothing_half_made_when_label_studio_fails_and_one_round_at_a_time(
     fake_ls: FakeLabelStudio,
     tiny_checkpoint: Path,
 ) -> None:
-    settings = Settings(model_dir=tmp_path)
-    ModelRegistry(tmp_path).publish_file(tiny_checkpoint)
-    config = label_config_for(CLASSES)
-    fake_ls.add("/api/projects/4/", json.dumps({"id": 4, "label_config": config}).encode())
-    tasks = [task(i, "v1", i / 10, "cat") for i in range(1, 6)]
-    fake_ls.add("/api/tasks/", json.dumps({"tasks": tasks}).encode())
-    api = LabelStudioAPI(fake_ls.url, TOKEN)
+    settings, api = project_four(tmp_path, fake_ls, tiny_checkpoint)
     with pytest.raises(LabelStudioAPIError, match="HTTP 501"):  # the fake answers no POST
         make_round(api, 4, "least-confident", 3, settings)
     assert list(settings.layout.rounds("4").glob("round-*.json")) == []
@@ -83,17 +90,11 @@ def test_nothing_half_made_when_label_studio_fails_and_one_round_at_a_time(
 def test_a_round_is_a_tab_in_label_studios_order_and_a_failed_read_takes_it_back(
     tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
 ) -> None:
-    settings = Settings(model_dir=tmp_path)
-    ModelRegistry(tmp_path).publish_file(tiny_checkpoint)
-    config = label_config_for(CLASSES)
-    fake_ls.add("/api/projects/4/", json.dumps({"id": 4, "label_config": config}).encode())
-    tasks = [task(i, "v1", i / 10, "cat") for i in range(1, 6)]
-    fake_ls.add("/api/tasks/", json.dumps({"tasks": tasks}).encode())
+    settings, api = project_four(tmp_path, fake_ls, tiny_checkpoint)
     fake_ls.accept_views = True
     listed = [{"id": 2}, {"id": 1}, {"id": 3}]  # the tab's own order
     tab = "/api/tasks/?project=4&view={}&page_size=1000"
     fake_ls.add(tab.format(1), json.dumps({"tasks": listed}).encode())
-    api = LabelStudioAPI(fake_ls.url, TOKEN)
 
     record = make_round(api, 4, "least-confident", 3, settings)
 
