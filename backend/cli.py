@@ -309,7 +309,10 @@ def add_serving_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=9090, help="port to listen on")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn worker processes")
     parser.add_argument(
-        "--checkpoint", type=Path, help="model to serve while MODEL_DIR holds no published version"
+        "--checkpoint",
+        type=Path,
+        help="a shared model: published as v1 while MODEL_DIR holds none, and served to every "
+        "project of its classes that has no model of its own",
     )
     parser.add_argument(
         "--no-auth",
