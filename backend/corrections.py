@@ -127,6 +127,18 @@ def chosen_class(results: list[dict[str, Any]], targets: Targets) -> str | None:
     return None
 
 
+def latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
+    """The task's most recently updated annotation that was not cancelled (skipped)."""
+    annotations = [
+        a
+        for a in task.get("annotations") or []
+        if isinstance(a, dict) and not a.get("was_cancelled") and isinstance(a.get("result"), list)
+    ]
+    if not annotations:
+        return None
+    return max(annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0))
+
+
 def correction_from_annotation(
     project: str,
     annotation: dict[str, Any],

@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from backend.corrections import CorrectionError, brush_alpha, chosen_class
+from backend.corrections import CorrectionError, brush_alpha, chosen_class, latest_annotation
 from backend.images import ImageFetchError, ImageLoader
 from backend.label_config import LabelConfigError, config_classes, targets_for
 from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
@@ -53,18 +53,6 @@ class ExportSummary:
         out.append(f"maps: {self.maps}")
         out += [f"skipped ({reason}): {n}" for reason, n in sorted(self.skipped.items())]
         return out
-
-
-def latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
-    """The task's most recently updated annotation that was not cancelled (skipped)."""
-    annotations = [
-        a
-        for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled") and isinstance(a.get("result"), list)
-    ]
-    if not annotations:
-        return None
-    return max(annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0))
 
 
 def export_project(

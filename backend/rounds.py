@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.brush import BrushDecodeError, decode_rle
-from backend.corrections import chosen_class
+from backend.corrections import chosen_class, latest_annotation
 from backend.label_config import Targets, config_classes, targets_for
 from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
 from backend.registry import ModelRegistry
@@ -97,14 +97,8 @@ def candidates(
             continue
         prediction = predictions[-1]
         results = prediction.get("result") or []
-        annotations = [
-            a
-            for a in task.get("annotations") or []
-            if isinstance(a, dict) and not a.get("was_cancelled")
-        ]
-        labelled = (
-            chosen_class(annotations[-1].get("result") or [], targets) if annotations else None
-        )
+        annotation = latest_annotation(task)
+        labelled = chosen_class(annotation["result"], targets) if annotation else None
         out.append(
             Candidate(
                 task_id=task_id,
