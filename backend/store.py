@@ -187,6 +187,10 @@ class LoopStore:
         """Every live annotation of a project that names a class, with a brush or not."""
         return self._annotations(project, "AND label IS NOT NULL")
 
+    def annotations(self, project: str) -> list[Correction]:
+        """Every live annotation of a project with a class or a brush, oldest first."""
+        return self._annotations(project, "AND (label IS NOT NULL OR target IS NOT NULL)")
+
     def _annotations(self, project: str, condition: str) -> list[Correction]:
         with self._connect() as db:
             rows = db.execute(

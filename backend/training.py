@@ -322,12 +322,12 @@ def round_annotations(store: LoopStore, project: str, meta: CheckpointMeta) -> l
     model knows (a round of ten new edits then still sees all that the project taught)."""
     side = map_size_for(meta.image_size)
     known = set(meta.classes)
-    usable = {}
-    for a in store.labelled(project) + store.corrections(project):
+    usable = []
+    for a in store.annotations(project):
         has_map = a.target is not None and a.target.shape == (side, side)
         if has_map or a.label in known:
-            usable[a.annotation_id] = a if has_map else dataclasses.replace(a, target=None)
-    return list(usable.values())
+            usable.append(a if has_map else dataclasses.replace(a, target=None))
+    return usable
 
 
 def last_round_at(settings: Settings, project: str, current: dict[str, Any]) -> float:

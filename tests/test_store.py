@@ -81,6 +81,7 @@ def test_a_label_alone_is_kept_for_first_models_not_rounds(tmp_path: Path) -> No
     assert [c.annotation_id for c in store.corrections("1")] == [9]  # rounds need a brush
     labelled = store.labelled("1")
     assert [(c.annotation_id, c.target is None) for c in labelled] == [(8, True), (9, False)]
+    assert [c.annotation_id for c in store.annotations("1")] == [8, 9]
     assert store.labelled_count("1") == 2 and store.untrained_count("1") == 1
     assert store.summary()["1"] == {
         "corrections": 1,
