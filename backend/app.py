@@ -26,6 +26,7 @@ from backend.project_models import ProjectModels
 from backend.prometheus import Metrics
 from backend.registry import shared_model_path
 from backend.request_io import PathScrubber, RequestError, error_reply
+from backend.round_routes import rounds
 from backend.routes import protocol
 from backend.services import EXTENSION, BackendServices
 from backend.serving import ServedModel
@@ -113,6 +114,7 @@ def create_app(
         return error_reply(500, f"internal error: {type(exc).__name__}")
 
     app.register_blueprint(protocol)
+    app.register_blueprint(rounds)
     return app
 
 

@@ -261,11 +261,10 @@ def cmd_dataset(args: argparse.Namespace) -> None:
         print(f"  {line}")
 
 
-def cmd_round(args: argparse.Namespace) -> None:
+def round_api(args: argparse.Namespace, settings: Settings):  # -> LabelStudioAPI
+    """Label Studio for `abn round`: --label-studio, LABEL_STUDIO_URL, or the project's /setup."""
     from backend.label_studio import LabelStudioAPI, ProjectConnections
-    from backend.rounds import make_round
 
-    settings = Settings.from_env()
     url, token = args.label_studio or settings.label_studio_url, args.token
     if url is None:  # the host and token the project's /setup gave the backend
         known = ProjectConnections(settings.projects_dir).get(args.project)
@@ -275,10 +274,42 @@ def cmd_round(args: argparse.Namespace) -> None:
                 f"connect project {args.project} to the backend first"
             )
         url, token = known.url, token or known.token
-    token = token or settings.label_studio_api_key
-    record = make_round(
-        LabelStudioAPI(url, token), args.project, args.strategy, args.size, settings
-    )
+    return LabelStudioAPI(url, token or settings.label_studio_api_key)
+
+
+def cmd_round(args: argparse.Namespace) -> None:
+    from backend.rounds import make_round, read_rounds, refresh_rounds, write_round_report
+
+    settings = Settings.from_env()
+    if args.action == "report":
+        if args.out is None:
+            raise SystemExit("error: abn round report needs --out DIR")
+        records = read_rounds(settings, str(args.project))
+        if not args.no_refresh and records:
+            records = refresh_rounds(round_api(args, settings), args.project, settings)
+        print(f"wrote {write_round_report(records, args.out, args.project)}")
+        return
+    if args.action == "status":
+        records = refresh_rounds(round_api(args, settings), args.project, settings)
+        if not records:
+            print(f"project {args.project}: no rounds yet")
+        for r in records:
+            after = r.version_after or {"rejected": "refused by the gate"}.get(
+                r.training or "", "not trained yet"
+            )
+            scores = " ".join(
+                f"{name} acc {s.accuracy if s.accuracy is None else round(s.accuracy, 4)} "
+                f"map {s.map_mse if s.map_mse is None else round(s.map_mse, 4)}"
+                for name, s in (("before", r.before), ("after", r.after))
+                if s is not None
+            )
+            print(
+                f"round {r.number} ({r.strategy}, {len(r.tasks)} tasks, {r.version} -> {after}): "
+                f"{r.annotated} submitted, {r.corrected} corrected, {r.lead_time_s:.1f} s"
+                + (f"; {scores}" if scores else "")
+            )
+        return
+    record = make_round(round_api(args, settings), args.project, args.strategy, args.size, settings)
     print(f"{record.title}: tab {record.view_id}, {len(record.tasks)} tasks")
     print(f"  {record.url}")
     for reason, count in record.left_out.items():
@@ -396,9 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dataset)
 
     p = sub.add_parser(
-        "round", help="an active-learning round: a Label Studio tab of the tasks to correct"
+        "round",
+        help="an active-learning round: a Label Studio tab of the tasks to correct "
+        "(round status: what came of each round; round report: markdown and plots)",
     )
+    p.add_argument("action", nargs="?", default="make", choices=["make", "status", "report"])
     p.add_argument("--project", required=True, type=int, help="the project id")
+    p.add_argument("--out", type=Path, help="round report: the folder to write")
+    p.add_argument(
+        "--no-refresh", action="store_true", help="round report: the records as last refreshed"
+    )
     p.add_argument("--strategy", default="least-confident", choices=STRATEGIES)
     p.add_argument("--size", type=int, default=20, help="tasks in the round")
     p.add_argument("--label-studio", metavar="URL", help="default: LABEL_STUDIO_URL, or /setup's")

@@ -13,6 +13,7 @@ file lock).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -20,18 +21,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from backend.brush import BrushDecodeError, decode_rle
-from backend.corrections import chosen_class, latest_annotation
+from backend.corrections import CorrectionError, brush_alpha, chosen_class, latest_annotation
 from backend.label_config import Targets, config_classes, targets_for
 from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
-from backend.registry import ModelRegistry
+from backend.registry import ModelRegistry, RegistryError
 from backend.settings import Settings
 from backend.store import LoopStore
 from model.checkpoint import atomic_write
 from model.errors import UserError
+from model.round_report import ProjectRound, write_project_report
 from model.selection import Candidate, select
 
 log = logging.getLogger(__name__)
@@ -56,6 +59,39 @@ class RoundRecord:
     url: str  # the tab in Label Studio
     created_at: float
     left_out: dict[str, int]  # candidates not offered, by reason
+    # What came of it, as last refreshed (refresh_rounds): Label Studio's annotations of its
+    # tasks since it was made, and the training on its version since then.
+    annotated: int = 0  # its tasks submitted since the round was made
+    corrected: int = 0  # of those, with the attention brush edited
+    lead_time_s: float = 0.0  # the annotators' time on them (Label Studio's lead_time)
+    training: str | None = None  # the training on `version` since: "published" or "rejected"
+    version_after: str | None = None  # the version that training published
+    before: HeldOut | None = None  # held-out scores of `version` (the gate's)
+    after: HeldOut | None = None  # held-out scores of the model trained from the round
+    refreshed_at: float | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RoundRecord:
+        """A record as written to disk (older records lack the outcome fields)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in raw.items() if k in fields}
+        for side in ("before", "after"):
+            if isinstance(values.get(side), dict):
+                values[side] = HeldOut.from_dict(values[side])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A model's scores on the project's held-out labelled tasks, as the gate computed them."""
+
+    accuracy: float | None
+    map_mse: float | None
+    count: int
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> HeldOut:
+        return cls(raw.get("accuracy"), raw.get("map_mse"), int(raw.get("count") or 0))
 
 
 def project_version(settings: Settings, project: str) -> str:
@@ -165,13 +201,7 @@ def make_round(
     folder = settings.layout.rounds(key)
     with one_round_at_a_time(folder):
         version = project_version(settings, key)
-        info = api.call("GET", f"/api/projects/{project}/")
-        config = info.get("label_config") if isinstance(info, dict) else None
-        if not isinstance(config, str):
-            raise RoundError(f"project {project}: Label Studio sent no label_config")
-        targets = targets_for(
-            config, config_classes(config, settings.other_choices), settings.other_choices
-        )
+        targets = project_targets(api, project, settings)
         store = LoopStore(settings.layout.corrections_db)
         corrected = {
             c.task_id for c in store.corrections(key) if c.edited and c.model_version == version
@@ -234,12 +264,154 @@ def make_round(
             left_out=left_out,
         )
         try:
-            with atomic_write(folder / f"round-{number}.json", "w") as f:
-                json.dump(asdict(record), f, indent=1)
+            write_record(settings, record)
         except OSError:
             delete_tab(api, project, view["id"])
             raise
         return record
+
+
+def project_targets(api: LabelStudioAPI, project: int, settings: Settings) -> Targets:
+    """The control names of the project's label config, as Label Studio has it now."""
+    info = api.call("GET", f"/api/projects/{project}/")
+    config = info.get("label_config") if isinstance(info, dict) else None
+    if not isinstance(config, str):
+        raise RoundError(f"project {project}: Label Studio sent no label_config")
+    return targets_for(
+        config, config_classes(config, settings.other_choices), settings.other_choices
+    )
+
+
+def write_record(settings: Settings, record: RoundRecord) -> Path:
+    path = settings.layout.rounds(str(record.project)) / f"round-{record.number}.json"
+    with atomic_write(path, "w") as f:
+        json.dump(asdict(record), f, indent=1)
+    return path
+
+
+def read_rounds(settings: Settings, project: str) -> list[RoundRecord]:
+    """The project's round records, first round first (an unreadable one is skipped, logged)."""
+    records = []
+    for path in settings.layout.rounds(project).glob("round-*.json"):
+        try:
+            records.append(RoundRecord.from_dict(json.loads(path.read_text())))
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("%s: unreadable round record (%s)", path, exc)
+    return sorted(records, key=lambda r: r.number)
+
+
+def training_of(settings: Settings, record: RoundRecord) -> tuple[str | None, str | None, Any]:
+    """(status, version after, gate record) of the training on the round's version since the
+    round was made: a version of the project's lineage whose parent is the round's version, else
+    the project's last job if it refused one; (None, None, None) before any."""
+    key = str(record.project)
+    lineage = ModelRegistry(settings.model_dir, key)
+    if lineage.layout.registry_index.is_file():
+        for entry in lineage.versions():
+            if (
+                entry.get("parent_version") == record.version
+                and float(entry.get("published_at") or 0) >= record.created_at
+            ):
+                return "published", entry["version"], entry.get("gate")
+    try:
+        last = json.loads(settings.layout.job_result(key).read_text())
+    except (OSError, ValueError):
+        return None, None, None
+    if (
+        isinstance(last, dict)
+        and last.get("status") == "rejected"
+        and last.get("parent_version") == record.version
+        and float(last.get("started_at") or 0) >= record.created_at
+    ):
+        return "rejected", None, last.get("gate")
+    return None, None, None
+
+
+def version_scores(settings: Settings, version: str) -> HeldOut | None:
+    """The held-out scores a version was published with (its gate's "after"), if any."""
+    try:
+        registry = ModelRegistry.of_version(settings.model_dir, version)
+        entries = registry.versions() if registry.layout.registry_index.is_file() else []
+    except RegistryError:
+        return None
+    for entry in entries:
+        gate = entry.get("gate")
+        if entry.get("version") == version and isinstance(gate, dict):
+            return held_out(gate.get("after"))
+    return None
+
+
+def held_out(raw: Any) -> HeldOut | None:
+    return HeldOut.from_dict(raw) if isinstance(raw, dict) else None
+
+
+def submitted_at(annotation: dict[str, Any]) -> float | None:
+    """When Label Studio last saved an annotation (Unix time), or None if it does not say."""
+    stamp = annotation.get("updated_at") or annotation.get("created_at")
+    if not isinstance(stamp, str):
+        return None
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def annotations_since(
+    tasks: dict[int, dict[str, Any]], record: RoundRecord, targets: Targets
+) -> tuple[int, int, float]:
+    """Of the round's tasks: how many were submitted since it was made, how many of those with
+    an edited brush, and the annotators' time on those annotations (their ``lead_time``)."""
+    annotated = corrected = 0
+    seconds = 0.0
+    for task_id in record.tasks:
+        task = tasks.get(task_id) or {}
+        mine = [
+            a
+            for a in task.get("annotations") or []
+            if isinstance(a, dict)
+            and not a.get("was_cancelled")
+            and (submitted_at(a) or 0.0) >= record.created_at
+        ]
+        if not mine:
+            continue
+        annotated += 1
+        seconds += sum(float(a.get("lead_time") or 0.0) for a in mine)
+        latest = latest_annotation({"annotations": mine})
+        try:
+            brush = brush_alpha(latest["result"], targets) if latest else None
+        except CorrectionError:
+            brush = None
+        corrected += bool(brush and brush[1])
+    return annotated, corrected, round(seconds, 3)
+
+
+def refresh_rounds(api: LabelStudioAPI, project: int, settings: Settings) -> list[RoundRecord]:
+    """Every round of the project with its outcome read again (Label Studio's annotations,
+    the training since), each record rewritten; a project with no round gets []."""
+    records = read_rounds(settings, str(project))
+    if not records:
+        return []
+    targets = project_targets(api, project, settings)
+    tasks = {t["id"]: t for t in api.tasks(project) if isinstance(t.get("id"), int)}
+    out = []
+    for record in records:
+        annotated, corrected, seconds = annotations_since(tasks, record, targets)
+        status, after_version, gate = training_of(settings, record)
+        gate = gate if isinstance(gate, dict) else {}
+        updated = dataclasses.replace(
+            record,
+            annotated=annotated,
+            corrected=corrected,
+            lead_time_s=seconds,
+            training=status,
+            version_after=after_version,
+            before=held_out(gate.get("before")) or version_scores(settings, record.version),
+            after=held_out(gate.get("after")),
+            refreshed_at=time.time(),
+        )
+        write_record(settings, updated)
+        out.append(updated)
+    return out
 
 
 def delete_tab(api: LabelStudioAPI, project: int, view_id: int) -> None:
@@ -248,3 +420,31 @@ def delete_tab(api: LabelStudioAPI, project: int, view_id: int) -> None:
         api.call("DELETE", f"/api/dm/views/{view_id}/")
     except LabelStudioAPIError:
         log.error("the tab %s of project %s could not be deleted", view_id, project)
+
+
+def report_rounds(records: list[RoundRecord]) -> list[ProjectRound]:
+    """The records in the report's plain terms (model/round_report.py)."""
+    return [
+        ProjectRound(
+            number=r.number,
+            strategy=r.strategy,
+            tasks=len(r.tasks),
+            annotated=r.annotated,
+            corrected=r.corrected,
+            lead_time_s=r.lead_time_s,
+            version=r.version,
+            version_after=r.version_after,
+            training=r.training,
+            before_accuracy=r.before.accuracy if r.before else None,
+            before_map_mse=r.before.map_mse if r.before else None,
+            after_accuracy=r.after.accuracy if r.after else None,
+            after_map_mse=r.after.map_mse if r.after else None,
+        )
+        for r in records
+    ]
+
+
+def write_round_report(records: list[RoundRecord], out: Path, project: int) -> Path:
+    if not records:
+        raise RoundError(f"project {project} has no rounds yet: make one with abn round first")
+    return write_project_report(report_rounds(records), out, str(project))
