@@ -22,18 +22,23 @@ from model.explain import explain, overlay, side_by_side
 from model.maps import load_map_image
 from model.paper.decoy_digits import NAME as DECOY_DIGITS
 from model.paper.decoy_digits import build_decoy_digits
+from model.paper.objectives import OBJECTIVES
+from model.paper.texture_shapes import NAME as TEXTURE_SHAPES
+from model.paper.texture_shapes import build_texture_shapes
 from model.resnet import ARCHITECTURES
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
 log = logging.getLogger(__name__)
 
 BUILTIN_DATA_ROOT = Path("data")
+# The built-in shortcut datasets, generated offline under ./data on first use.
+BUILTIN_DATASETS = {DECOY_DIGITS: build_decoy_digits, TEXTURE_SHAPES: build_texture_shapes}
 
 
 def resolve_data(value: str) -> Path:
-    """A dataset directory; the built-in `decoy-digits` is generated under ./data first."""
-    if value == DECOY_DIGITS:
-        return build_decoy_digits(BUILTIN_DATA_ROOT / DECOY_DIGITS)
+    """A dataset directory; a built-in one (`decoy-digits`, ...) is generated under ./data first."""
+    if value in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[value](BUILTIN_DATA_ROOT / value)
     path = Path(value)
     if not path.is_dir():
         raise SystemExit(f"error: --data {value}: no such directory (or use {DECOY_DIGITS})")
@@ -141,10 +146,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_reproduce(args: argparse.Namespace) -> None:
     from model.paper.reproduce import ReproduceSettings, fill_defaults, reproduce
 
-    chosen = fill_defaults(args.data, vars(args), builtin=DECOY_DIGITS)
+    builtin = args.data if args.data in BUILTIN_DATASETS else DECOY_DIGITS
+    chosen = fill_defaults(args.data, vars(args), builtin=builtin)
     if chosen:
         shown = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in chosen.items())
         print(f"defaults for {args.data}: {shown}")
+    if args.objective:
+        cmd_objectives(args)
+        return
     data = resolve_data(args.data)
     settings = ReproduceSettings(
         arch=args.arch,
@@ -162,6 +171,31 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     )
     print(f"wrote {args.out}/report.md")
     print(json.dumps(metrics["methods"], indent=1))
+
+
+def cmd_objectives(args: argparse.Namespace) -> None:
+    """``reproduce --objective``: the objectives study on a built-in shortcut dataset."""
+    from model.paper.objectives import study
+
+    if args.data not in BUILTIN_DATASETS:
+        raise SystemExit(
+            f"error: --objective needs a built-in shortcut dataset ({', '.join(BUILTIN_DATASETS)}):"
+            " it trains on the dataset's shortcut-free twin for the bound"
+        )
+    names = list(dict.fromkeys(["proposed", "control", *args.objective]))
+    summary = study(
+        args.data,
+        BUILTIN_DATASETS[args.data],
+        BUILTIN_DATA_ROOT,
+        args.out,
+        args.work_dir or Path("runs") / "objectives" / args.data,
+        config_from(args),
+        [int(s) for s in args.seeds.split(",")],
+        [OBJECTIVES[n] for n in names],
+        args.finetune_epochs,
+        "python -m model " + shlex.join(sys.argv[1:]),
+    )
+    print(f"wrote {args.out}/report.md (chosen on validation: {summary['chosen_on_validation']})")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -226,12 +260,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="evaluate only N test images (spread over classes)")
     p.add_argument("--step", type=int, help="deletion/insertion pixels per step (default: width)")
     p.add_argument("--curve-limit", type=int, help="deletion/insertion on only N test images")
+    p.add_argument(
+        "--objective",
+        action="append",
+        choices=sorted(OBJECTIVES),
+        help="study this fine-tuning objective beside ABN, proposed, control and the "
+        "shortcut-free bound (repeatable; built-in shortcut datasets only)",
+    )
+    p.add_argument("--seeds", default="0,1,2", help="with --objective: comma-separated seeds")
+    p.add_argument("--work-dir", type=Path, help="with --objective: default runs/objectives/DATA")
     add_training_options(p, epochs=0)
     p.set_defaults(func=cmd_reproduce, epochs=None, image_size=None)
 
     p = sub.add_parser("sweep", help="choose gamma on a validation split carved from TRAIN")
     add_sweep_options(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "round-study", help="active-learning strategies, simulated with an oracle annotator"
+    )
+    add_round_study_options(p)
+    p.set_defaults(func=cmd_round_study)
 
 
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
@@ -255,6 +304,50 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, default=0.2)
     p.add_argument("--curve-limit", type=int, default=100)
     p.add_argument("--device", default="auto")
+
+
+def add_round_study_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``round-study`` (model/round_study.py)."""
+    from model.round_study import StudySettings
+
+    d = StudySettings()
+    p.add_argument("--data", required=True, help=f"dataset directory, or {DECOY_DIGITS}")
+    p.add_argument("--out", required=True, type=Path, help="folder for report.md and plots")
+    p.add_argument("--work-dir", type=Path, default=Path("runs/round-study"))
+    p.add_argument("--strategies", default=",".join(d.strategies))
+    p.add_argument("--rounds", type=int, default=d.rounds)
+    p.add_argument("--size", type=int, default=d.size, help="corrections per round")
+    p.add_argument("--seeds", default=",".join(map(str, d.seeds)))
+    p.add_argument("--epochs", type=int, default=d.epochs, help="of the first model")
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--gamma", type=float, default=d.gamma)
+    p.add_argument("--fraction", type=float, default=d.fraction, help="of TRAIN for validation")
+    p.add_argument("--device", default=d.device)
+
+
+def cmd_round_study(args: argparse.Namespace) -> None:
+    from model.round_study import StudySettings, parse_list, run_study, seeds_of, write_study
+
+    settings = StudySettings(
+        strategies=parse_list(args.strategies),
+        rounds=args.rounds,
+        size=args.size,
+        seeds=seeds_of(args.seeds),
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        gamma=args.gamma,
+        fraction=args.fraction,
+        device=args.device,
+    )
+    data = resolve_data(args.data)
+    result = run_study(data, args.work_dir, settings, shortcut=args.data == DECOY_DIGITS)
+    command = "python -m model " + shlex.join(sys.argv[1:])
+    report = write_study(result, settings, args.out, command)
+    print(f"wrote {report}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:

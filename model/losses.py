@@ -36,3 +36,22 @@ def finetune_loss(
 ) -> torch.Tensor:
     """L = L_att + L_per + gamma * ||M' - M||_2, the paper's fine-tuning objective."""
     return abn_loss(output, targets) + gamma * map_loss(output.attention, human, has_map)
+
+
+def dont_look_loss(
+    gradients: torch.Tensor, human: torch.Tensor, has_map: torch.Tensor
+) -> torch.Tensor:
+    """How much the decision depends on what the human map leaves out ("don't look here").
+
+    `gradients` are those of the summed log-probabilities with respect to the branches' input
+    features (N, C, h, w); the penalty is their squared size where the map is 0, summed per
+    sample and averaged over mapped samples: a feature-level version of the input-gradient
+    penalty of "right for the right reasons" (Ross et al., 2017). Samples without a map add 0.
+    """
+    if not bool(has_map.any()):
+        return gradients.sum() * 0.0
+    outside = 1.0 - human.to(gradients.dtype)
+    if outside.shape[-2:] != gradients.shape[-2:]:
+        outside = F.interpolate(outside, size=gradients.shape[-2:], mode="bilinear")
+    penalty = (outside * gradients).pow(2).flatten(1).sum(dim=1)
+    return penalty[has_map].mean()

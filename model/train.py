@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model.abn import ABN, ABNOutput, build_abn
 from model.checkpoint import CheckpointMeta, make_meta
 from model.data import AttentionDataset, InMemoryMapsDataset, find_classes
-from model.losses import abn_loss, finetune_loss
+from model.losses import abn_loss, dont_look_loss, finetune_loss
 from model.resnet import build_resnet
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,23 @@ def train(
     return model.eval(), meta
 
 
-def freeze_trunk(model: ABN) -> list[nn.Parameter]:
-    """Freeze the trunk (weights and BatchNorm statistics); return the branches' parameters."""
+def freeze_trunk(model: ABN, learning_stages: int = 0) -> list[nn.Parameter]:
+    """Freeze the trunk (weights and BatchNorm statistics); return the parameters that learn.
+
+    Those are the branches', and with `learning_stages` k > 0 the weights of the trunk's last k
+    residual stages (layer3, then layer2, layer1) too; their BatchNorm statistics stay frozen.
+    """
     trunk = model.trunk()
     trunk.eval()
     for p in trunk.parameters():
         p.requires_grad_(False)
-    return [p for branch in model.branches() for p in branch.parameters()]
+    stages = [model.layer1, model.layer2, model.layer3]
+    if not 0 <= learning_stages <= len(stages):
+        raise ValueError(f"learning_stages must be 0..{len(stages)}, got {learning_stages}")
+    learning = [p for stage in stages[len(stages) - learning_stages :] for p in stage.parameters()]
+    for p in learning:
+        p.requires_grad_(True)
+    return [p for branch in model.branches() for p in branch.parameters()] + learning
 
 
 def set_branches_train(model: ABN, batch_statistics: bool = True) -> None:
@@ -259,13 +269,17 @@ def finetune(
     dataset: AttentionDataset | InMemoryMapsDataset | None = None,
     progress: ProgressCallback | None = None,
     data_label: str | None = None,
+    dont_look: float = 0.0,
+    learning_stages: int = 0,
 ) -> tuple[ABN, dict[str, Any]]:
     """The paper's section 4.3: branches learn L_att + L_per + gamma * ||M' - M||_2.
 
     The data is the train split of `data_dir`, or `dataset` (the backend passes its
     corrections); `data_label` is what the new record says it was trained on (default: the
     folder). `use_cache=False` recomputes the trunk every step; it exists to measure what
-    caching saves.
+    caching saves. Two objectives beyond the paper's: `dont_look` weighs
+    :func:`model.losses.dont_look_loss`, and `learning_stages` lets the trunk's last stages
+    learn too (then the trunk runs every step: its output changes, so it cannot be cached).
     """
     if not isinstance(model, ABN):
         raise TypeError("fine-tuning with attention maps needs an ABN checkpoint")
@@ -284,8 +298,9 @@ def finetune(
         log.warning(
             "no human maps in %s: fine-tuning on the classification losses only", data_label
         )
-    params = freeze_trunk(model)
+    params = freeze_trunk(model, learning_stages)
     optimizer = sgd(params, config)
+    use_cache = use_cache and learning_stages == 0
     source = cache_features(model, dataset, config.batch_size, device) if use_cache else dataset
     # A last batch of one sample would break BatchNorm in the branches; reshuffling each epoch
     # means the dropped remainder differs from epoch to epoch.
@@ -313,12 +328,18 @@ def finetune(
             maps, has_map = maps.to(device), has_map.to(device)
             with autocast(device):
                 if use_cache:
-                    output = model.forward_features(inputs)
+                    feats = inputs
                 else:
-                    with torch.no_grad():
-                        feats = model.features(inputs)
-                    output = model.forward_features(feats.float())
+                    with torch.set_grad_enabled(learning_stages > 0):
+                        feats = model.features(inputs).float()
+                if dont_look and not feats.requires_grad:
+                    feats.requires_grad_(True)
+                output = model.forward_features(feats)
                 loss = finetune_loss(output, labels, maps, has_map, gamma)
+                if dont_look:
+                    log_probs = output.perception_logits.float().log_softmax(dim=1).sum()
+                    (grads,) = torch.autograd.grad(log_probs, feats, create_graph=True)
+                    loss = loss + dont_look * dont_look_loss(grads, maps, has_map)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -341,6 +362,8 @@ def finetune(
         settings={
             **asdict(config),
             "gamma": gamma,
+            "dont_look": dont_look,
+            "learning_stages": learning_stages,
             "data": data_label,
             "finetuned_from": meta.get("settings"),
         },

@@ -18,10 +18,9 @@ from PIL import Image
 from model import build_abn, load_checkpoint
 from model.checkpoint import make_meta
 from model.cli import main
-from model.data import DatasetError, Sample, list_samples
-from model.paper.decoy_check import breakdown_lines, conflicting
-from model.paper.decoy_digits import CANVAS, COLOURS, PATCH
+from model.data import DatasetError, list_samples
 from model.paper.reproduce import fill_defaults, finetune_dataset, select_samples
+from model.paper.shortcut import CUES_FILE, breakdown_lines, conflicting, has_cues
 from model.paper.sweep import carve_validation, render
 
 CLASSES = ["ant", "bee", "cat"]
@@ -197,17 +196,27 @@ def test_validation_is_carved_from_train_only(data: Path, tmp_path: Path) -> Non
     assert "| gamma 1 | 2 | **75.00** | 0.1000 | 0.7000 | 0.1000 |" in table
 
 
-def test_decoy_check_reads_the_patch_colour(tmp_path: Path) -> None:
-    samples = []
-    for i, (label, colour, corner) in enumerate([(3, 3, (0, 0)), (3, 7, (1, 1)), (5, 5, (0, 1))]):
-        canvas = np.full((CANVAS, CANVAS, 3), 20, dtype=np.uint8)
-        y, x = (c * (CANVAS - PATCH) for c in corner)
-        canvas[y : y + PATCH, x : x + PATCH] = COLOURS[colour]
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(canvas).save(path)
-        samples.append(Sample(path, label, None))
+def test_cue_flags_come_from_the_cues_file_through_a_carved_split(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    cues = {}
+    for i, (label, cue) in enumerate([(3, "3"), (3, "7"), (5, "5")]):
+        name = f"train/{label}/{i}.png"
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(data / name)
+        cues[name] = cue
+    (data / CUES_FILE).write_text(json.dumps(cues))
     classes = [str(d) for d in range(10)]
+    samples = list_samples(data, "train", classes)
     flags = conflicting(samples, classes)
     assert flags.tolist() == [False, True, False]
+    assert has_cues(samples)
+    # A carved split is symlinks: the flags follow them back to the dataset's cues file.
+    carved = carve_validation(data, tmp_path / "carved", 0.0, seed=0)
+    assert conflicting(list_samples(carved, "train", classes), classes).tolist() == flags.tolist()
     table = breakdown_lines({"ABN": np.array([True, False, True])}, flags)
     assert table[-1] == "| ABN | 0.00 (1) | 100.00 (2) |"
+
+
+def test_a_dataset_without_cues_has_no_cue_flags(tmp_path: Path) -> None:
+    data = make_image_dataset(tmp_path / "plain", ["a", "b"], None, per_class=1)
+    assert not has_cues(list_samples(data, "train", ["a", "b"]))

@@ -19,12 +19,17 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+from model.paper.shortcut import CUES_FILE
+
 log = logging.getLogger(__name__)
 
 NAME = "decoy-digits"
 CANVAS = 64
 DIGIT = 32
 PATCH = 10
+# How bright the digit's strokes are drawn (1: full white). Faint strokes make the patch the
+# easier cue, so that an ABN trained on the dataset does learn the shortcut it is meant to show.
+INK = 1.0
 # Ten well-separated hues, one per class.
 COLOURS = [
     (230, 25, 75),
@@ -50,7 +55,7 @@ def render(
     canvas = rng.integers(0, 40, size=(CANVAS, CANVAS, 3)).astype(np.uint8)
     x0, y0 = (int(v) for v in rng.integers(16 - 6, 16 + 7, size=2))
     region = canvas[y0 : y0 + DIGIT, x0 : x0 + DIGIT]
-    ink = np.asarray(glyph)[..., None]
+    ink = (np.asarray(glyph, dtype=np.float32) * INK).astype(np.uint8)[..., None]
     canvas[y0 : y0 + DIGIT, x0 : x0 + DIGIT] = np.maximum(region, ink)
     corner = int(rng.integers(4))
     py = 0 if corner < 2 else CANVAS - PATCH
@@ -66,7 +71,14 @@ def build_decoy_digits(out_dir: str | Path, correlation: float = 0.9, seed: int 
     """Write the dataset in the on-disk layout; the same seed gives the same bytes."""
     out_dir = Path(out_dir)
     marker = out_dir / "dataset.json"
-    settings = {"name": NAME, "correlation": correlation, "seed": seed, "canvas": CANVAS}
+    settings = {
+        "name": NAME,
+        "correlation": correlation,
+        "seed": seed,
+        "canvas": CANVAS,
+        "ink": INK,
+        "cues": CUES_FILE,
+    }
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return out_dir
     digits = load_digits()
@@ -75,16 +87,19 @@ def build_decoy_digits(out_dir: str | Path, correlation: float = 0.9, seed: int 
         indices, test_size=1 / 3, random_state=seed, stratify=digits.target
     )
     rng = np.random.default_rng(seed)
+    cues: dict[str, str] = {}
     for split, chosen in (("train", train_idx), ("test", test_idx)):
         for i in tqdm(chosen, desc=f"{NAME} {split}", unit="img", leave=False, disable=None):
             label = int(digits.target[i])
             shortcut = split == "train" and rng.random() < correlation
-            colour = COLOURS[label] if shortcut else COLOURS[int(rng.integers(10))]
-            image, human = render(digits.images[i], colour, rng)
+            cue = label if shortcut else int(rng.integers(10))
+            image, human = render(digits.images[i], COLOURS[cue], rng)
+            name = f"{split}/{label}/{i:04d}.png"
             for root, picture in ((out_dir, image), (out_dir / "maps", human)):
-                folder = root / split / str(label)
-                folder.mkdir(parents=True, exist_ok=True)
-                picture.save(folder / f"{i:04d}.png")
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                picture.save(root / name)
+            cues[name] = str(cue)
+    (out_dir / CUES_FILE).write_text(json.dumps(cues, sort_keys=True))
     marker.write_text(json.dumps(settings))
     log.info("wrote %s to %s", NAME, out_dir)
     return out_dir

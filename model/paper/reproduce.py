@@ -30,7 +30,7 @@ from tqdm import tqdm
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta, save_checkpoint
 from model.data import AttentionDataset, DatasetError, Sample
-from model.paper import decoy_check
+from model.paper import shortcut
 from model.paper.evaluate import Candidate, Evaluation, paired_top1, resolve_device, run_evaluation
 from model.paper.report import check_output_dir, staged_output, write_evaluation_files
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
@@ -335,8 +335,8 @@ def reproduce(
         sections += _control_lines(evaluation, control_eval)
         if external is not None:
             save_checkpoint(external / "control.pt", *control)
-    if evaluation.dataset == decoy_check.NAME:
-        sections += _decoy_lines(evaluation, control_eval, chosen)
+    if shortcut.has_cues(evaluation.samples):
+        sections += _cue_lines(evaluation, control_eval, chosen)
     timings["evaluate"] = time.perf_counter() - started
     if external is not None:
         evaluation.sources = {r: str(external / f"{r}.pt") for r in models}
@@ -358,12 +358,10 @@ def reproduce(
     return evaluation.metrics
 
 
-def _decoy_lines(
-    evaluation: Evaluation, control: Evaluation | None, chosen: Selection
-) -> list[str]:
-    """decoy-digits: accuracy where the decoy misleads vs where it agrees (see decoy_check)."""
+def _cue_lines(evaluation: Evaluation, control: Evaluation | None, chosen: Selection) -> list[str]:
+    """A shortcut dataset: accuracy where the cue misleads vs where it agrees (see shortcut)."""
     classes = evaluation.classes
-    flags = decoy_check.conflicting(evaluation.samples, classes)
+    flags = shortcut.conflicting(evaluation.samples, classes)
     arch = evaluation.arch.replace("resnet", "ResNet")
     correct = {
         name: result.correct
@@ -375,17 +373,18 @@ def _decoy_lines(
         )
         if result is not None and result.correct is not None
     }
-    misleading = int(decoy_check.conflicting(chosen.samples, classes).sum())
+    misleading = int(shortcut.conflicting(chosen.samples, classes).sum())
     return [
-        "## Does the network use the decoy?",
+        "## Does the network use the shortcut?",
         "",
-        "In the test split the decoy's colour is random. A network that learnt the shortcut is "
-        "right much less often where the decoy names another class than where it names the label.",
+        "In the test split the cue (decoy-digits: the patch's colour) is random. A network that "
+        "learnt the shortcut is right much less often where the cue names another class than "
+        "where it names the label.",
         "",
-        *decoy_check.breakdown_lines(correct, flags),
+        *shortcut.breakdown_lines(correct, flags),
         "",
         f"Of the {len(chosen.samples)} training images selected for correction, {misleading} have "
-        "a decoy naming another class.",
+        "a cue naming another class.",
         "",
     ]
 

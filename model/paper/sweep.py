@@ -7,8 +7,8 @@ the control: the same fine-tuning without the map loss, so any gain it shows is 
 
     abn sweep --data decoy-digits --out docs/results/gamma.md
 
-For decoy-digits one more column is reported: accuracy on the validation images whose decoy
-colour disagrees with the label (found from the pixels), the closest in-train stand-in for the
+For a shortcut dataset one more column is reported: accuracy on the validation images whose cue
+names another class (read from the dataset's cues file), the closest in-train stand-in for the
 test split, where the decoy is random. It is a diagnostic; the choice uses plain validation
 accuracy first, then map MSE.
 """
@@ -29,9 +29,9 @@ import torch
 
 from model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from model.data import AttentionDataset, find_classes, list_samples
-from model.paper.decoy_check import conflicting
 from model.paper.evaluate import Candidate, Evaluation, run_evaluation
 from model.paper.reproduce import finetune_dataset, select_samples
+from model.paper.shortcut import conflicting
 from model.train import TrainConfig, finetune, train
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def carve_validation(data_dir: str | Path, out_dir: str | Path, fraction: float,
 
 
 def decoy_conflicts(data_dir: Path, split: str, classes: list[str]) -> list[bool]:
-    """decoy-digits only: whether each image's corner patch has another class's colour."""
+    """A shortcut dataset only: whether each image's cue names another class."""
     return conflicting(list_samples(data_dir, split, classes), classes).tolist()
 
 

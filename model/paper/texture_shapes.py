@@ -1,0 +1,104 @@
+"""`texture-shapes`: a shape to classify, on a background texture that gives the class away.
+
+Four shapes (disc, square, triangle, cross) are drawn faintly on a 64 px crop of one of four
+photographed textures that scikit-image ships (brick, grass, gravel, the moon's surface), so the
+dataset is built offline. In TRAIN the texture is the class's own for `correlation` of the
+images and random otherwise; in the test split it is always random. The texture covers most of
+the picture and is easier to see than the faint shape, so a network trained on it learns the
+background: the cue is everywhere outside the object, unlike `decoy-digits`' corner patch. The
+human map is the shape's region. Built with `correlation=0`, it is the shortcut-free twin.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+from skimage import data as skdata
+from tqdm import tqdm
+
+from model.paper.shortcut import CUES_FILE
+
+log = logging.getLogger(__name__)
+
+NAME = "texture-shapes"
+CANVAS = 64
+CLASSES = ("disc", "square", "triangle", "cross")
+TEXTURES = ("brick", "grass", "gravel", "moon")
+TRAIN_PER_CLASS = 300
+TEST_PER_CLASS = 150
+# How much of the shape's grey shows over the texture: faint enough that the texture is the
+# easier cue, plain enough that a network without the shortcut learns the shapes.
+SHAPE_ALPHA = 0.45
+
+
+def shape_mask(kind: str, rng: np.random.Generator) -> Image.Image:
+    """A binary mask (L, 0/255) of one shape of random size and place on the canvas."""
+    size = int(rng.integers(18, 30))
+    x0, y0 = (int(v) for v in rng.integers(4, CANVAS - size - 4, size=2))
+    x1, y1 = x0 + size, y0 + size
+    mask = Image.new("L", (CANVAS, CANVAS), 0)
+    draw = ImageDraw.Draw(mask)
+    if kind == "disc":
+        draw.ellipse((x0, y0, x1, y1), fill=255)
+    elif kind == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=255)
+    elif kind == "triangle":
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=255)
+    else:
+        bar = size // 3
+        draw.rectangle((x0, y0 + bar, x1, y1 - bar), fill=255)
+        draw.rectangle((x0 + bar, y0, x1 - bar, y1), fill=255)
+    return mask
+
+
+def texture_crop(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random CANVAS x CANVAS crop of a texture, taken from a random 128-256 px window."""
+    window = int(rng.integers(128, 257))
+    y, x = (int(v) for v in rng.integers(0, texture.shape[0] - window, size=2))
+    patch = Image.fromarray(texture[y : y + window, x : x + window])
+    return np.asarray(patch.resize((CANVAS, CANVAS), Image.BILINEAR), dtype=np.float32)
+
+
+def render(
+    kind: str, texture: np.ndarray, rng: np.random.Generator
+) -> tuple[Image.Image, Image.Image]:
+    """One picture (RGB) and its human map (the shape, slightly dilated)."""
+    background = texture_crop(texture, rng)
+    mask = shape_mask(kind, rng)
+    weight = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * SHAPE_ALPHA
+    grey = float(rng.integers(200, 256))
+    picture = (1.0 - weight) * background[..., None] + weight * grey
+    picture = np.repeat(picture, 3, axis=2) if picture.shape[2] == 1 else picture
+    image = Image.fromarray(picture.clip(0, 255).astype(np.uint8))
+    return image, mask.filter(ImageFilter.MaxFilter(3))
+
+
+def build_texture_shapes(out_dir: str | Path, correlation: float = 0.9, seed: int = 0) -> Path:
+    """Write the dataset in the on-disk layout; the same seed gives the same bytes."""
+    out_dir = Path(out_dir)
+    marker = out_dir / "dataset.json"
+    settings = {"name": NAME, "correlation": correlation, "seed": seed, "canvas": CANVAS}
+    if marker.is_file() and json.loads(marker.read_text()) == settings:
+        return out_dir
+    textures = [np.asarray(getattr(skdata, name)(), dtype=np.uint8) for name in TEXTURES]
+    rng = np.random.default_rng(seed)
+    cues: dict[str, str] = {}
+    for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
+        items = [(label, n) for label in range(len(CLASSES)) for n in range(per_class)]
+        for label, n in tqdm(items, desc=f"{NAME} {split}", unit="img", leave=False, disable=None):
+            shortcut = split == "train" and rng.random() < correlation
+            cue = label if shortcut else int(rng.integers(len(TEXTURES)))
+            image, human = render(CLASSES[label], textures[cue], rng)
+            name = f"{split}/{CLASSES[label]}/{n:04d}.png"
+            for root, picture in ((out_dir, image), (out_dir / "maps", human)):
+                (root / name).parent.mkdir(parents=True, exist_ok=True)
+                picture.save(root / name)
+            cues[name] = CLASSES[cue]
+    (out_dir / CUES_FILE).write_text(json.dumps(cues, sort_keys=True))
+    marker.write_text(json.dumps(settings))
+    log.info("wrote %s to %s", NAME, out_dir)
+    return out_dir

@@ -1,0 +1,174 @@
+"""The fine-tuning objectives beyond the paper's, the shortcut datasets, and their study."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model import build_abn
+from model.checkpoint import make_meta
+from model.cli import main
+from model.data import InMemoryMapsDataset, list_samples
+from model.losses import dont_look_loss
+from model.paper.decoy_digits import build_decoy_digits
+from model.paper.objectives import OBJECTIVES, pooled_mcnemar, with_counterfactuals
+from model.paper.shortcut import conflicting
+from model.paper.texture_shapes import CLASSES, build_texture_shapes
+from model.train import TrainConfig, finetune, freeze_trunk
+
+
+def test_dont_look_penalises_gradients_outside_the_map_only() -> None:
+    grads = torch.ones(2, 3, 4, 4)
+    human = torch.zeros(2, 1, 4, 4)
+    human[:, :, :2] = 1.0  # the top half is where to look
+    has_map = torch.tensor([True, False])
+    # 3 channels x 8 cells outside the map, gradient 1 each; the unmapped sample adds nothing.
+    assert float(dont_look_loss(grads, human, has_map)) == pytest.approx(24.0)
+    inside_only = grads * human
+    assert float(dont_look_loss(inside_only, human, has_map)) == 0.0
+    assert float(dont_look_loss(grads, human, torch.tensor([False, False]))) == 0.0
+
+
+def test_learning_stages_unfreeze_the_trunks_last_stages_only() -> None:
+    model = build_abn("resnet18", 3)
+    branches = sum(p.numel() for b in model.branches() for p in b.parameters())
+    assert sum(p.numel() for p in freeze_trunk(model, 0)) == branches
+    learning = freeze_trunk(model, 1)
+    assert sum(p.numel() for p in learning) == branches + sum(
+        p.numel() for p in model.layer3.parameters()
+    )
+    assert all(p.requires_grad for p in model.layer3.parameters())
+    assert not any(p.requires_grad for p in model.layer2.parameters())
+    with pytest.raises(ValueError, match="learning_stages"):
+        freeze_trunk(model, 4)
+
+
+def tiny_set(n: int = 8, size: int = 32) -> InMemoryMapsDataset:
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.zeros(n, 1, 2, 2)
+    maps[:, :, 0, 0] = 1.0
+    return InMemoryMapsDataset(
+        torch.randn(n, 3, size, size, generator=gen),
+        torch.arange(n) % 3,
+        maps,
+        torch.ones(n, dtype=torch.bool),
+    )
+
+
+@pytest.mark.parametrize(
+    ("dont_look", "stages"), [(1.0, 0), (0.0, 1), (1.0, 1)], ids=["dont-look", "layer3", "both"]
+)
+def test_finetune_with_each_objective_moves_what_it_should(dont_look: float, stages: int) -> None:
+    model = build_abn("resnet18", 3)
+    meta = make_meta("abn", "resnet18", ["a", "b", "c"], 32)
+    layer2 = [p.detach().clone() for p in model.layer2.parameters()]
+    layer3 = [p.detach().clone() for p in model.layer3.parameters()]
+    config = TrainConfig(epochs=1, batch_size=4, image_size=32, device="cpu")
+    tuned, new_meta = finetune(
+        model, meta, config=config, dataset=tiny_set(), dont_look=dont_look, learning_stages=stages
+    )
+    assert new_meta["settings"]["dont_look"] == dont_look
+    assert new_meta["settings"]["learning_stages"] == stages
+    moved = any(
+        not torch.equal(a, b) for a, b in zip(layer3, tuned.layer3.parameters(), strict=True)
+    )
+    assert moved == (stages > 0)
+    assert all(torch.equal(a, b) for a, b in zip(layer2, tuned.layer2.parameters(), strict=True))
+
+
+def test_counterfactual_copies_join_the_fine_tuning_set() -> None:
+    base = tiny_set(6)
+    base.has_map[3:] = False
+    grown = with_counterfactuals(base, copies=2, seed=0)
+    assert len(grown) == 6 + 3 * 2
+    assert grown.labels[6:].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_texture_shapes_is_deterministic_and_records_its_cues(tmp_path: Path) -> None:
+    data = build_texture_shapes(tmp_path / "a")
+    again = build_texture_shapes(tmp_path / "b")
+    for name in ("train/disc/0000.png", "test/cross/0149.png", "cues.json"):
+        assert (data / name).read_bytes() == (again / name).read_bytes()
+    classes = sorted(CLASSES)
+    train = conflicting(list_samples(data, "train", classes), classes)
+    test = conflicting(list_samples(data, "test", classes), classes)
+    # TRAIN: the texture names the class 90% of the time (plus chance on the rest); test: random.
+    assert 0.03 < train.mean() < 0.12
+    assert 0.65 < test.mean() < 0.85
+    free = build_texture_shapes(tmp_path / "free", correlation=0.0)
+    assert 0.65 < conflicting(list_samples(free, "train", classes), classes).mean() < 0.85
+    assert list_samples(data, "train", classes)[0].map is not None
+
+
+def test_decoy_digits_records_the_patch_colour_as_its_cue(tmp_path: Path) -> None:
+    data = build_decoy_digits(tmp_path / "d")
+    cues = json.loads((data / "cues.json").read_text())
+    classes = [str(d) for d in range(10)]
+    assert len(cues) == len(list_samples(data, "train", classes)) + len(
+        list_samples(data, "test", classes)
+    )
+    assert conflicting(list_samples(data, "train", classes), classes).mean() < 0.15
+
+
+def test_objective_needs_a_builtin_shortcut_dataset(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="built-in shortcut dataset"):
+        main(
+            [
+                "reproduce",
+                "--data",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--objective",
+                "counterfactual",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+            ]
+        )
+
+
+@pytest.mark.slow
+def test_reproduce_objective_writes_every_model_and_the_paired_tests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "reproduce", "--data", "texture-shapes", "--out", "results",
+            "--objective", "counterfactual", "--objective", "dont-look",
+            "--seeds", "0,1", "--epochs", "1", "--finetune-epochs", "1",
+            "--image-size", "32", "--device", "cpu",
+        ]
+    )  # fmt: skip
+    report = (tmp_path / "results" / "report.md").read_text()
+    metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"abn", "bound", "proposed", "control", "counterfactual",
+                                      "dont-look"}  # fmt: skip
+    assert len(metrics["models"]["counterfactual"]["test_top1"]) == 2
+    assert metrics["chosen_on_validation"] in {"proposed", "control", "counterfactual", "dont-look"}
+    assert "counterfactual vs proposed" in report and "dont-look vs control" in report
+    assert "bound: ABN without the shortcut" in report
+    assert not (tmp_path / "results" / "work").exists()  # the carved splits stay under runs/
+    assert (tmp_path / "runs" / "objectives" / "texture-shapes" / "seed1" / "carved").is_dir()
+
+
+def test_pooled_mcnemar_counts_discordant_images_over_seeds() -> None:
+    from model.paper.objectives import Scores, SeedRun
+
+    def run(a: list[bool], b: list[bool]) -> SeedRun:
+        r = SeedRun(seed=0, corrected=1, train_images=4)
+        flags = np.zeros(len(a), dtype=bool)
+        r.test = {"a": Scores(np.array(a), flags), "b": Scores(np.array(b), flags)}
+        return r
+
+    runs = [run([True, False, True], [True, True, True]), run([False, True], [True, True])]
+    only_a, only_b, p = pooled_mcnemar(runs, "a", "b")
+    assert (only_a, only_b) == (0, 2)
+    assert p == pytest.approx(0.5)
+    assert set(OBJECTIVES) >= {"proposed", "control", "counterfactual", "dont-look"}
