@@ -100,8 +100,14 @@ def quantise(values: np.ndarray, levels: int) -> np.ndarray:
 ROW_BAND = 256  # output rows upsampled at once by attention_alpha
 
 
-def attention_alpha(attention: np.ndarray, width: int, height: int, levels: int) -> np.ndarray:
+def attention_alpha(
+    attention: np.ndarray, width: int, height: int, levels: int, floor: float = 0.0
+) -> np.ndarray:
     """The brush's alpha channel: the map at the image's size, quantised.
+
+    Values below `floor` (``ABN_BRUSH_FLOOR``) are drawn transparent (alpha 0): on an untrained
+    or unsure model the lowest level otherwise tints every pixel of the photo. Values at or
+    above it keep their level, so the graded round trip is unchanged there.
 
     Computed a band of rows at a time, each band exactly as :func:`upsample` computes it, so a
     brush costs about one byte a pixel: at 8000x8000 the whole float map and its temporaries
@@ -113,9 +119,10 @@ def attention_alpha(attention: np.ndarray, width: int, height: int, levels: int)
     alpha = np.empty((height, width), dtype=np.uint8)
     for start in range(0, height, ROW_BAND):
         band = slice(start, start + ROW_BAND)
-        alpha[band] = quantise(
-            _interpolate(small, y0[band], y1[band], fy[band], x0, x1, fx), levels
-        )
+        values = _interpolate(small, y0[band], y1[band], fy[band], x0, x1, fx)
+        if floor > 0:
+            values[values < floor] = 0.0
+        alpha[band] = quantise(values, levels)
     return alpha
 
 
@@ -125,14 +132,19 @@ def top3_lines(prediction: Prediction) -> list[str]:
 
 
 def to_label_studio(
-    prediction: Prediction, width: int, height: int, targets: Targets, levels: int = 8
+    prediction: Prediction,
+    width: int,
+    height: int,
+    targets: Targets,
+    levels: int = 8,
+    floor: float = 0.0,
 ) -> dict[str, Any]:
     """One entry of /predict's ``results``: brush, class, top-3, score and model version.
 
     `width` and `height` are the image's original size, as the editor loads it (after EXIF
     rotation), so the mask lines up with the picture.
     """
-    alpha = attention_alpha(prediction.attention, width, height, levels)
+    alpha = attention_alpha(prediction.attention, width, height, levels, floor)
     score = float(prediction.score)
     lines = top3_lines(prediction)
     common = {"to_name": targets.image, "original_width": width, "original_height": height}
@@ -197,11 +209,13 @@ class TaskPredictor:
         batch_size: int,
         brush_levels: int,
         fetch_threads: int = FETCH_THREADS,
+        brush_floor: float = 0.0,
     ) -> None:
         self.loader = loader
         self.metrics = metrics
         self.batch_size = max(1, batch_size)
         self.brush_levels = brush_levels
+        self.brush_floor = brush_floor
         self._fetch_pool = ThreadPoolExecutor(fetch_threads, thread_name_prefix="abn-fetch")
 
     def predict(
@@ -258,7 +272,7 @@ class TaskPredictor:
             metrics.batch_size.observe(len(ready))
             for (index, img), prediction in zip(ready, predictions, strict=True):
                 results[index] = to_label_studio(
-                    prediction, img.width, img.height, targets, self.brush_levels
+                    prediction, img.width, img.height, targets, self.brush_levels, self.brush_floor
                 )
             metrics.stage_latency.labels("encode").observe(time.perf_counter() - predicted)
             metrics.predictions.labels(snap.version).inc(len(ready))

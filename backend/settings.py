@@ -47,6 +47,8 @@ class Settings:
     device: str = "cpu"  # ABN_DEVICE
     batch_size: int = 8  # ABN_BATCH_SIZE: images per forward pass (8 is best on CPU)
     brush_levels: int = 8  # ABN_BRUSH_LEVELS: alpha levels of the attention brush (2..256)
+    # ABN_BRUSH_FLOOR: attention below this (0..1) is drawn transparent; 0 draws every level.
+    brush_floor: float = 0.0
 
     # Image fetching.
     image_max_bytes: int = 32 * 1024 * 1024  # ABN_IMAGE_MAX_BYTES
@@ -138,6 +140,7 @@ class Settings:
             device=get("ABN_DEVICE") or defaults.device,
             batch_size=_int(env, "ABN_BATCH_SIZE", defaults.batch_size, 1, 4096),
             brush_levels=_int(env, "ABN_BRUSH_LEVELS", defaults.brush_levels, 2, 256),
+            brush_floor=_float(env, "ABN_BRUSH_FLOOR", defaults.brush_floor, positive=False),
             image_max_bytes=_int(env, "ABN_IMAGE_MAX_BYTES", defaults.image_max_bytes, 1, 2**40),
             image_max_pixels=_int(env, "ABN_IMAGE_MAX_PIXELS", defaults.image_max_pixels, 1, 2**28),
             image_decode_pixels=_int(
@@ -210,6 +213,8 @@ class Settings:
             )
         if not 2 <= self.brush_levels <= 256:
             raise SettingsError(f"ABN_BRUSH_LEVELS must be in 2..256, got {self.brush_levels}")
+        if not 0 <= self.brush_floor < 1:
+            raise SettingsError(f"ABN_BRUSH_FLOOR must be in [0, 1), got {self.brush_floor}")
         if self.batch_size < 1:
             raise SettingsError(f"ABN_BATCH_SIZE must be at least 1, got {self.batch_size}")
         if not 0 <= self.holdout_fraction < 1:
