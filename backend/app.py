@@ -60,7 +60,13 @@ def create_app(
         models=models,
         loader=loader,
         metrics=metrics,
-        predictor=TaskPredictor(loader, metrics, settings.batch_size, settings.brush_levels),
+        predictor=TaskPredictor(
+            loader,
+            metrics,
+            settings.batch_size,
+            settings.brush_levels,
+            brush_floor=settings.brush_floor,
+        ),
         loop=ServingLoop(settings, models).start(),
         paths=PathScrubber(settings.model_dir),
     )

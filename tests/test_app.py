@@ -182,6 +182,29 @@ def test_predicted_brush_is_the_models_map(
     assert np.array_equal(decoded, attention_alpha(expected.attention, 37, 21, 8))
 
 
+def test_the_brush_floor_setting_reaches_the_served_brush(
+    tmp_path: Path, fake_ls: FakeLabelStudio, served: ServedModel
+) -> None:
+    import io
+
+    from PIL import Image
+
+    floor = 0.5
+    app = create_app(make_settings(tmp_path, fake_ls, brush_floor=floor), served=served)
+    data = png_bytes(37, 21)
+    fake_ls.add("/data/upload/1/a.png", data)
+    reply = post(
+        app.test_client(),
+        "/predict",
+        {"tasks": [task(1, "/data/upload/1/a.png")], "label_config": CONFIG},
+    )
+    brush = reply.json["results"][0]["result"][0]
+    (expected,) = served.predict([Image.open(io.BytesIO(data)).convert("RGB")])
+    decoded = decode_rle(brush["value"]["rle"], 21, 37)
+    assert np.array_equal(decoded, attention_alpha(expected.attention, 37, 21, 8, floor))
+    assert not np.array_equal(decoded, attention_alpha(expected.attention, 37, 21, 8))
+
+
 def test_predict_without_label_config_uses_the_generated_names(
     client, fake_ls: FakeLabelStudio
 ) -> None:
