@@ -19,7 +19,9 @@ RUN if ! python3 -m venv --help >/dev/null 2>&1; then \
 
 # Runtime dependencies only, from the lock (no test or lint tools), then the project itself,
 # not editable. PIP_* build arguments may point pip at local wheels for the build alone.
-ARG PIP_CERT PIP_FIND_LINKS PIP_EXTRA_INDEX_URL
+ARG PIP_CERT
+ARG PIP_FIND_LINKS
+ARG PIP_EXTRA_INDEX_URL
 COPY requirements.lock /tmp/requirements.lock
 RUN pip install -r /tmp/requirements.lock && rm /tmp/requirements.lock
 COPY pyproject.toml README.md ./
