@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -228,3 +229,20 @@ def make_image_dataset(
                     map_folder.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(human_map).save(map_folder / f"{i}.png")
     return root
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """A WSGI `app` behind werkzeug's threaded HTTP server on a free port (it handles chunked
+    bodies); stopped, its socket closed and its thread joined on exit."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

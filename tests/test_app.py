@@ -9,10 +9,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,10 @@ import numpy as np
 import psutil
 import pytest
 import requests
-from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
+from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes, serving
 from flask import Flask
 from label_studio_sdk.label_interface import LabelInterface
 from processes import ROOT, free_port
-from werkzeug.serving import make_server
 
 from backend.app import create_app
 from backend.brush import decode_rle, encode_rle
@@ -663,18 +660,6 @@ def test_setup_with_auth_patches_the_webhook_in_the_background(
 
 
 # ---------------------------------------------------------------------------- real sockets
-
-
-@contextmanager
-def serving(app: Flask) -> Iterator[str]:
-    """`app` behind werkzeug's HTTP server on a free port (it handles chunked bodies)."""
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
 
 
 @pytest.fixture

@@ -6,15 +6,13 @@ Every refusal is a 4xx (or a 502 when Label Studio fails) that says why, never a
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import TOKEN, FakeLabelStudio
+from conftest import TOKEN, FakeLabelStudio, serving
 from test_rounds import project_four
-from werkzeug.serving import make_server
 
 from backend.app import create_app
 from backend.rounds import one_round_at_a_time
@@ -22,18 +20,6 @@ from backend.serving import ServedModel
 from backend.settings import Settings
 
 AUTH = ("pm", "secret")
-
-
-def serve(settings: Settings, served: ServedModel) -> Iterator[str]:
-    server = make_server("127.0.0.1", 0, create_app(settings, served=served), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(10)
 
 
 def app_settings(tmp_path: Path, fake: FakeLabelStudio | None) -> Settings:
@@ -51,7 +37,8 @@ def backend(
     tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path, served: ServedModel
 ) -> Iterator[str]:
     project_four(tmp_path, fake_ls, tiny_checkpoint)
-    yield from serve(app_settings(tmp_path, fake_ls), served)
+    with serving(create_app(app_settings(tmp_path, fake_ls), served=served)) as base:
+        yield base
 
 
 def post(base: str, body: object, auth: tuple[str, str] | None = AUTH) -> requests.Response:
@@ -140,7 +127,7 @@ def test_a_project_without_a_label_studio_host_is_told_how_to_connect(
     tmp_path: Path, tiny_checkpoint: Path, served: ServedModel, fake_ls: FakeLabelStudio
 ) -> None:
     project_four(tmp_path, fake_ls, tiny_checkpoint)
-    for base in serve(app_settings(tmp_path, None), served):
+    with serving(create_app(app_settings(tmp_path, None), served=served)) as base:
         reply = post(base, {"project": 4})
         assert reply.status_code == 409 and "no Label Studio host known" in error(reply)
 
@@ -148,6 +135,7 @@ def test_a_project_without_a_label_studio_host_is_told_how_to_connect(
 def test_a_project_without_a_model_is_told_to_train_one(
     tmp_path: Path, served: ServedModel, fake_ls: FakeLabelStudio
 ) -> None:
-    for base in serve(app_settings(tmp_path, fake_ls), served):  # nothing published
+    # Nothing published.
+    with serving(create_app(app_settings(tmp_path, fake_ls), served=served)) as base:
         reply = post(base, {"project": 4})
         assert reply.status_code == 409 and "project 4 has no model yet" in error(reply)
