@@ -153,6 +153,7 @@ def test_reproduce_objective_writes_every_model_and_the_paired_tests(
     assert len(metrics["models"]["counterfactual"]["test_top1"]) == 2
     assert metrics["chosen_on_validation"] in {"proposed", "control", "counterfactual", "dont-look"}
     assert "counterfactual vs proposed" in report and "dont-look vs control" in report
+    assert "proposed vs control" in report and "control vs proposed" not in report
     assert "bound: ABN without the shortcut" in report
     assert not (tmp_path / "results" / "work").exists()  # the carved splits stay under runs/
     assert (tmp_path / "runs" / "objectives" / "texture-shapes" / "seed1" / "carved").is_dir()
