@@ -47,6 +47,20 @@ class Targets:
     top3: str | None  # name of the <TextArea> for the top-3, if the config has one
 
 
+ATTENTION_HOTKEY = "a"
+"""The brush label's hotkey: a letter, so the classes keep 1..9 whatever the config holds."""
+
+CLASS_HOTKEYS = tuple("123456789") + tuple("qtsdfgzxcyijln")
+"""The classes' hotkeys, in config order: digits first, then letters that no editor tool (brush
+B, eraser E, pan H, move V, unselect U, the other tools' K M O P R W) nor the brush label (A)
+uses. Classes past these get none in the config; Label Studio then gives them its leftovers."""
+
+
+def class_hotkeys(classes: list[str]) -> list[str | None]:
+    """Each class's hotkey (None past :data:`CLASS_HOTKEYS`), fixed by its place in the config."""
+    return [CLASS_HOTKEYS[i] if i < len(CLASS_HOTKEYS) else None for i in range(len(classes))]
+
+
 def label_config_for(
     classes: list[str],
     *,
@@ -55,16 +69,27 @@ def label_config_for(
     choices: str = "class",
     top3: str = "top3",
 ) -> str:
-    """The config a project manager pastes into Label Studio for a model with `classes`."""
+    """The config a project manager pastes into Label Studio for a model with `classes`.
+
+    Hotkeys are explicit: left to Label Studio, the brush label takes 1 and every class shifts
+    by one. The top-3 box takes no input (``maxSubmissions="0"``: the 1.23 editor then shows
+    only the lines the backend wrote, without an empty box to type in).
+    """
     if not classes:
         raise ValueError("a label config needs at least one class")
-    choice_lines = "\n".join(f"    <Choice value={quoteattr(str(c))}/>" for c in classes)
+    choice_lines = "\n".join(
+        f"    <Choice value={quoteattr(str(c))}"
+        + (f" hotkey={quoteattr(key)}" if key else "")
+        + "/>"
+        for c, key in zip(classes, class_hotkeys(classes), strict=True)
+    )
     return (
         "<View>\n"
         f'  <Image name={quoteattr(image)} value={quoteattr("$" + image)} zoom="true"/>\n'
         f'  <Header value="Where the model looks (edit the brush where it is wrong)"/>\n'
         f"  <BrushLabels name={quoteattr(brush)} toName={quoteattr(image)}>\n"
-        f"    <Label value={quoteattr(ATTENTION_LABEL)} background={quoteattr(ATTENTION_COLOR)}/>\n"
+        f"    <Label value={quoteattr(ATTENTION_LABEL)} background={quoteattr(ATTENTION_COLOR)} "
+        f"hotkey={quoteattr(ATTENTION_HOTKEY)}/>\n"
         "  </BrushLabels>\n"
         '  <Header value="Class"/>\n'
         f'  <Choices name={quoteattr(choices)} toName={quoteattr(image)} choice="single" '
@@ -73,7 +98,7 @@ def label_config_for(
         "  </Choices>\n"
         '  <Header value="Model: top-3 classes"/>\n'
         f'  <TextArea name={quoteattr(top3)} toName={quoteattr(image)} editable="false" '
-        'rows="3"/>\n'
+        'maxSubmissions="0" rows="3"/>\n'
         "</View>\n"
     )
 

@@ -32,7 +32,9 @@ def test_label_config_defaults_to_the_served_version(
     ModelRegistry(tmp_path).publish_file(tiny_checkpoint, reason="initial model")
     main(["label-config"])
     config = capsys.readouterr().out
-    assert all(f'<Choice value="{c}"/>' in config for c in CLASSES)
+    assert all(
+        f'<Choice value="{c}" hotkey="{k}"/>' in config for c, k in zip(CLASSES, "123", strict=True)
+    )
 
 
 def test_versions_lists_lineage_and_marks_the_current_one(
@@ -85,7 +87,9 @@ def test_project_lineages_from_the_command_line(
     assert ModelRegistry(tmp_path).current()["version"] == "v1"  # the shared model stays
     main(["label-config", "--project", "12"])
     config = capsys.readouterr().out
-    assert all(f'<Choice value="{c}"/>' in config for c in CLASSES)
+    assert all(
+        f'<Choice value="{c}" hotkey="{k}"/>' in config for c, k in zip(CLASSES, "123", strict=True)
+    )
     main(["reset", "--project", "12"])
     assert "serves nothing now (was p12-v1)" in capsys.readouterr().out
     assert own.current() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.label_config import (
     ATTENTION_LABEL,
+    CLASS_HOTKEYS,
     LabelConfigError,
     check_config,
     default_targets,
@@ -51,6 +53,36 @@ def test_generated_config_escapes_class_names() -> None:
     config = label_config_for(classes)
     assert LabelInterface(config).get_control("class").labels == classes
     check_config(config, classes)
+
+
+# The editor's own single-key shortcuts in Label Studio 1.23.2 (tools, unselect region): a class
+# hotkey equal to one of them would fight it.
+TOOL_KEYS = set("behvukmoprw[]")
+
+
+def test_generated_hotkeys_do_not_shift_with_the_brush_label() -> None:
+    """Classes take 1..9 then letters whatever the config holds; the brush label a letter."""
+    classes = [f"c{i}" for i in range(len(CLASS_HOTKEYS) + 2)]
+    root = ET.fromstring(label_config_for(classes))
+    keys = [c.get("hotkey") for c in root.iter("Choice")]
+    assert keys[:10] == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "q"]
+    assert keys[: len(CLASS_HOTKEYS)] == list(CLASS_HOTKEYS)
+    assert keys[len(CLASS_HOTKEYS) :] == [None, None]  # Label Studio gives them its leftovers
+    [label] = root.iter("Label")
+    brush_key = label.get("hotkey")
+    assert brush_key and not brush_key.isdigit()
+    given = [k for k in keys if k] + [brush_key]
+    assert len(set(given)) == len(given)
+    assert not TOOL_KEYS & set(given)
+    three = ET.fromstring(label_config_for(CLASSES))
+    assert [c.get("hotkey") for c in three.iter("Choice")] == ["1", "2", "3"]
+
+
+def test_top3_box_shows_the_lines_and_takes_no_input() -> None:
+    """``maxSubmissions="0"``: the 1.23.2 editor shows no input box under the top-3 lines."""
+    [top3] = ET.fromstring(label_config_for(CLASSES)).iter("TextArea")
+    assert (top3.get("editable"), top3.get("maxSubmissions")) == ("false", "0")
+    assert check_config(label_config_for(CLASSES), CLASSES).top3 == top3.get("name")
 
 
 def test_shipped_config_is_the_generated_one_for_the_builtin_dataset() -> None:
