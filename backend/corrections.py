@@ -51,6 +51,9 @@ class Correction:
     edited: bool  # a human changed the brush (False: an unedited prediction, a confirmation)
     model_version: str | None  # the version whose pre-annotation was edited
     updated_at: str | None = None
+    # The version that learnt from this annotation or was judged on it; None: no version has
+    # yet (new since the last published round, or changed since).
+    trained_in: str | None = None
 
 
 MAX_BRUSHES_FACTOR = 8

@@ -195,7 +195,8 @@ class LoopStore:
         with self._connect() as db:
             rows = db.execute(
                 "SELECT annotation_id, task_id, image, label, target, map_size, edited, "
-                "model_version, updated_at FROM corrections WHERE project = ? AND deleted = 0 "
+                "model_version, updated_at, trained_in FROM corrections WHERE project = ? "
+                "AND deleted = 0 "
                 f"{condition} ORDER BY stored_at",
                 (project,),
             ).fetchall()
@@ -212,8 +213,9 @@ class LoopStore:
                 edited=bool(edited),
                 model_version=version,
                 updated_at=updated,
+                trained_in=trained_in,
             )
-            for aid, tid, image, label, blob, size, edited, version, updated in rows
+            for aid, tid, image, label, blob, size, edited, version, updated, trained_in in rows
         ]
 
     def untrained_count(self, project: str) -> int:

@@ -183,6 +183,8 @@ def train_project_first_model(
         first_model=report.to_dict(),
         skipped_images=skipped,
     )
+    # Its labels are now what later rounds are judged against (model/round.py `reference`).
+    store.mark_trained(project, ids, published["version"])
     log.info(
         "project %s: published its first model %s (validation accuracy %s, %d images, %s)",
         project,
@@ -247,6 +249,7 @@ def run_project_round(
         ).float()[:, None],
         keys=tuple(c.task_id for c in kept),
         has_map=torch.tensor([c.target is not None for c in kept]),
+        new=torch.tensor([c.trained_in is None for c in kept]),
     )
     config = TrainConfig(
         epochs=settings.finetune_epochs,
@@ -291,6 +294,8 @@ def run_project_round(
         "started_at": started,
         "annotation_ids": trained_ids,
         "held_out_annotation_ids": [kept[i].annotation_id for i in outcome.held_out],
+        # The gate's reference: the held-out annotations made before this round, where enough.
+        "judged_annotation_ids": [kept[i].annotation_id for i in outcome.judged_on],
         "gate": gate_record,
         "settings": outcome.meta["settings"],
         "skipped_images": skipped,

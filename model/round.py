@@ -17,7 +17,9 @@ round.
    teach it where to look).
 3. Fine-tune the branches (trunk frozen) on the training share with the paper's objective
    (the map term only where there is a map).
-4. Gate, on the held-out share, task by task (:func:`gate`): no significant loss of accuracy
+4. Gate, on the held-out share, task by task (:func:`gate`), and only on its tasks annotated
+   before the round where there are enough of them (:func:`reference`), so that a round cannot
+   grade itself: no significant loss of accuracy
    (a one-sided sign test over the tasks whose class changed from right to wrong and back),
    no loss beyond the margins, enough held-out evidence to judge at all, and a measurable gain:
    more tasks fixed than broken, or maps closer to the human ones.
@@ -57,13 +59,19 @@ class Examples:
     maps: torch.Tensor  # (N, 1, h, w) in [0, 1]; zeros where there is no map
     keys: tuple[int, ...]  # what the split hashes (task ids)
     has_map: torch.Tensor | None = None  # (N,) bool
+    # (N,) bool: annotated since a version last learnt from or was judged on them (None: none
+    # is). The gate judges a round on the held-out tasks annotated before it where it can.
+    new: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         sizes = {len(self.images), len(self.labels), len(self.maps), len(self.keys)}
-        if self.has_map is not None:
-            sizes.add(len(self.has_map))
+        for extra in (self.has_map, self.new):
+            if extra is not None:
+                sizes.add(len(extra))
         if len(sizes) != 1:
-            raise ValueError("images, labels, maps, keys and has_map must have the same length")
+            raise ValueError(
+                "images, labels, maps, keys, has_map and new must have the same length"
+            )
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -159,6 +167,7 @@ class RoundOutcome:
     after: Scores
     comparison: Comparison
     refusals: list[str]
+    judged_on: list[int]  # the held-out examples the gate scored (see :func:`reference`)
 
     @property
     def accepted(self) -> bool:
@@ -172,6 +181,23 @@ def split(keys: tuple[int, ...], fraction: float) -> tuple[list[int], list[int]]
         everything = list(range(len(keys)))
         return everything, everything
     return [i for i, h in enumerate(held) if not h], [i for i, h in enumerate(held) if h]
+
+
+def reference(examples: Examples, held_out: list[int], min_evidence: int) -> list[int]:
+    """The held-out examples a round is judged on: those annotated before it, when there are
+    at least `min_evidence` of them with a class or a map; else every held-out example.
+
+    A round must not grade itself: a round of scrambled classes judged on its own held-out
+    tasks finds the model that learnt the scrambling right. Earlier annotations, which the
+    served version already learnt from or was judged on, are the reference it cannot rewrite.
+    """
+    if examples.new is None:
+        return held_out
+    evidence = (examples.labels >= 0) | examples.with_map
+    earlier = [i for i in held_out if not bool(examples.new[i])]
+    if sum(bool(evidence[i]) for i in earlier) >= min_evidence:
+        return earlier
+    return held_out
 
 
 @torch.no_grad()
@@ -294,7 +320,8 @@ def run_round(
     margins = margins or GateMargins()
     device = config.torch_device()
     train_idx, gate_idx = split(examples.keys, holdout_fraction)
-    held, trained = torch.tensor(gate_idx), torch.tensor(train_idx)
+    judged = reference(examples, gate_idx, margins.min_evidence)
+    held, trained = torch.tensor(judged, dtype=torch.long), torch.tensor(train_idx)
     with_map = examples.with_map
     predicted, attention = predict_all(model, examples.images, device, config.batch_size)
     before = score(
@@ -344,4 +371,5 @@ def run_round(
         after=after,
         comparison=compare(before, after),
         refusals=gate(before, after, margins),
+        judged_on=judged,
     )

@@ -13,6 +13,7 @@ from model.round import (
     Scores,
     gate,
     is_held_out,
+    reference,
     run_round,
     score,
     sign_test,
@@ -165,3 +166,61 @@ def test_a_tiny_round_trains_and_judges() -> None:
 def test_a_round_whose_maps_cannot_be_judged_says_what_to_do() -> None:
     [reason] = gate(scores("11110000", []), scores("11110000", []), MARGINS)
     assert "no held-out task has a map yet" in reason and "correct the brush" in reason
+
+
+def examples_of(labels: list[int], new: list[bool] | None) -> Examples:
+    n = len(labels)
+    return Examples(
+        images=torch.zeros(n, 3, 32, 32),
+        labels=torch.tensor(labels),
+        maps=torch.zeros(n, 1, 2, 2),
+        keys=tuple(range(n)),
+        has_map=torch.zeros(n, dtype=torch.bool),
+        new=None if new is None else torch.tensor(new),
+    )
+
+
+def test_a_round_is_judged_on_the_held_out_tasks_annotated_before_it() -> None:
+    held = [0, 1, 2, 3, 4, 5, 6, 7]
+    earlier_five = examples_of([0] * 10, [False] * 5 + [True] * 5)
+    assert reference(earlier_five, held, min_evidence=5) == [0, 1, 2, 3, 4]
+    # Too few earlier ones to judge on: every held-out task, the round's own included.
+    assert reference(earlier_five, held, min_evidence=6) == held
+    # Only earlier tasks with a class or a map count as evidence.
+    unlabelled = examples_of([-1, 0, 0, 0, 0, 0, 0, 0, 0, 0], [False] * 5 + [True] * 5)
+    assert reference(unlabelled, held, min_evidence=5) == held
+    assert reference(examples_of([0] * 10, None), held, min_evidence=1) == held
+    with pytest.raises(ValueError, match="same length"):
+        Examples(
+            torch.zeros(2, 3, 4, 4),
+            torch.zeros(2),
+            torch.zeros(2, 1, 1, 1),
+            (1, 2),
+            new=torch.tensor([True]),
+        )
+
+
+def test_run_round_scores_only_its_reference() -> None:
+    torch.manual_seed(0)
+    keys = tuple(range(100, 140))
+    new = torch.tensor([k % 2 == 0 for k in keys])
+    examples = Examples(
+        images=torch.randn(40, 3, 32, 32),
+        labels=torch.tensor([k % 3 for k in keys]),
+        maps=torch.zeros(40, 1, 2, 2),
+        keys=keys,
+        has_map=torch.zeros(40, dtype=torch.bool),
+        new=new,
+    )
+    outcome = run_round(
+        build_abn("resnet18", 3),
+        make_meta("abn", "resnet18", ["a", "b", "c"], image_size=32),
+        examples,
+        TrainConfig(epochs=1, batch_size=8, device="cpu"),
+        margins=GateMargins(accuracy=1.0, map_mse=1.0, min_evidence=2),
+        holdout_fraction=0.3,
+    )
+    earlier = [i for i in outcome.held_out if not new[i]]
+    assert len(earlier) >= 2 and len(earlier) < len(outcome.held_out)  # the case under test
+    assert outcome.judged_on == earlier
+    assert outcome.before.count == outcome.after.count == len(earlier)

@@ -81,6 +81,10 @@ def test_a_new_project_trains_its_first_model_from_class_labels(
     _, meta = load_checkpoint(own.current_checkpoint())
     assert meta.classes == FRUIT and meta.image_size == 32 and meta.version == "p7-v1"
     assert ModelRegistry(settings.model_dir).current()["version"] == "v1"  # shared untouched
+    # The labels it learnt from are the reference its first round is judged against.
+    trained_in = {a.annotation_id: a.trained_in for a in store.annotations("7")}
+    assert {a for a, v in trained_in.items() if v == "p7-v1"} == set(range(1, 13))
+    assert trained_in[20] is trained_in[21] is trained_in[22] is None
 
 
 def test_a_project_on_the_shared_model_forks_it_and_the_shared_model_stays(
@@ -156,6 +160,8 @@ def test_a_round_learns_from_every_labelled_task_and_never_twice_from_the_same(
     paired = record["gate"]["paired"]
     assert set(paired) >= {"fixed", "broken", "p_accuracy_worse", "maps_closer"}
     assert record["gate"]["before"]["count"] == len(record["held_out_annotation_ids"])
+    # No version has learnt from or been judged on any of them: the gate judges them all.
+    assert record["judged_annotation_ids"] == record["held_out_annotation_ids"]
     # Start Training again with nothing new: the refused round is not tried again.
     again = train_project("11", settings, "START_TRAINING")
     assert again["status"] == "skipped"
