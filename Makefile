@@ -6,14 +6,36 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 9090
 
-.PHONY: run test unit lint bench e2e clean
+LOCK_VENV := .venv-lock
+PIP_TOOLS := pip-tools==7.6.2
+CHROMIUM := /usr/bin/chromium
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+.PHONY: run test unit lint bench e2e clean lock docker-test
+
+# Tests, lint and bench tools come from the dev lock; the image installs requirements.lock only.
+$(VENV)/.installed: requirements-dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet -r requirements-dev.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate both locks from pyproject.toml after changing a pin there. Existing pins are kept
+# where they still satisfy it; a scratch environment holds pip-tools and is removed after.
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet $(PIP_TOOLS)
+	$(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --extra=bench --extra=dev \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host --strip-extras \
+		--output-file=requirements-dev.lock pyproject.toml
+	$(LOCK_VENV)/bin/pip-compile --quiet --allow-unsafe --constraint=requirements-dev.lock \
+		--no-emit-find-links --no-emit-index-url --no-emit-trusted-host --strip-extras \
+		--output-file=requirements.lock pyproject.toml
+	rm -rf $(LOCK_VENV)
+
+# The browser test drives Debian's chromium; installed here the way the tests' Label Studio is.
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 # Label Studio lives in its own environment: its pins clash with ours, and the
 # end-to-end tests drive it as a separate server, as users run it.
@@ -29,15 +51,16 @@ run: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
-test: $(VENV)/.installed $(LS_VENV)/.installed lint
+test: $(VENV)/.installed $(LS_VENV)/.installed $(CHROMIUM) lint
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q
 
 # Everything but the real-server, real-training and Label Studio tests: a few minutes.
 unit: $(VENV)/.installed
 	$(BIN)/pytest -q -m "not slow and not e2e"
 
-e2e: $(VENV)/.installed $(LS_VENV)/.installed
+e2e: $(VENV)/.installed $(LS_VENV)/.installed $(CHROMIUM)
 	LABEL_STUDIO_BIN=$(abspath $(LS_VENV))/bin/label-studio $(BIN)/pytest -q -m e2e
 
 bench: $(VENV)/.installed
@@ -48,5 +71,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/limits.py
 	$(BIN)/python bench/first_model.py
 
+# Builds the image and runs backend, worker and Redis from it (podman and buildah, as root):
+# a prediction, a correction and a training to a new version, then removes everything.
+docker-test: $(VENV)/.installed
+	scripts/docker_test.sh
+
 clean:
-	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LS_VENV) $(LOCK_VENV) .pytest_cache .ruff_cache
