@@ -1,15 +1,17 @@
 """The loop's durable state: SQLite in MODEL_DIR (``corrections.sqlite3``).
 
-Four tables: the corrections (one row per annotation, its map-sized target as a blob or none
+Five tables: the corrections (one row per annotation, its map-sized target as a blob or none
 for a class label alone, kept as a tombstone once deleted), which version pre-annotated each
 task (webhooks do not carry it), the training requests that wait for Redis, and each project's
-label config as last seen (its classes are what a first model learns). Durable across
+label config as last seen (its classes are what a first model learns), and the top-3 the
+model gave with each edited map (``edited_top3``, computed by the worker). Durable across
 restarts (WAL, synchronous writes), transactional, and independent of Redis, so corrections
 keep arriving while Redis is down.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -55,6 +57,15 @@ CREATE TABLE IF NOT EXISTS label_configs (
     project TEXT PRIMARY KEY,
     label_config TEXT NOT NULL,
     seen_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edited_top3 (
+    project TEXT NOT NULL,
+    annotation_id INTEGER NOT NULL,
+    stored_at REAL NOT NULL,
+    model_version TEXT NOT NULL,
+    top3 TEXT NOT NULL,
+    computed_at REAL NOT NULL,
+    PRIMARY KEY (project, annotation_id)
 );
 """
 
@@ -289,6 +300,59 @@ class LoopStore:
             .fetchone()
         )
         return row[0] if row else None
+
+    def record_edited_top3(
+        self,
+        project: str,
+        annotation_id: int,
+        target: np.ndarray,
+        version: str,
+        top: list[tuple[str, float]],
+    ) -> bool:
+        """Keep the top-3 `version` gave with the annotation's map `target`; False (nothing
+        kept) when the stored correction is gone or its map is no longer `target`: the
+        annotator changed it meanwhile, and the next round computes it again."""
+        blob = np.ascontiguousarray(target, dtype=np.float32).tobytes()
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT stored_at, target FROM corrections WHERE project = ? "
+                "AND annotation_id = ? AND deleted = 0",
+                (project, annotation_id),
+            ).fetchone()
+            if row is None or row[1] != blob:
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO edited_top3 VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    project,
+                    annotation_id,
+                    row[0],
+                    version,
+                    json.dumps([[name, float(p)] for name, p in top]),
+                    time.time(),
+                ),
+            )
+            return True
+
+    def edited_top3(self, project: str) -> dict[int, dict[str, Any]]:
+        """Per annotation id, the top-3 the model gave with the map as it is stored now
+        (``{"model_version", "top3": [[class, probability], ...], "computed_at"}``); a
+        correction replaced since its top-3 was computed has none."""
+        rows = (
+            self._db()
+            .execute(
+                "SELECT t.annotation_id, t.model_version, t.top3, t.computed_at "
+                "FROM edited_top3 t JOIN corrections c ON c.project = t.project "
+                "AND c.annotation_id = t.annotation_id AND c.stored_at = t.stored_at "
+                "WHERE t.project = ? AND c.deleted = 0",
+                (project,),
+            )
+            .fetchall()
+        )
+        return {
+            aid: {"model_version": version, "top3": json.loads(top3), "computed_at": at}
+            for aid, version, top3, at in rows
+        }
 
     def summary(self) -> dict[str, Any]:
         """Counts per project, for /status."""

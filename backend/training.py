@@ -36,7 +36,9 @@ from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import LoopStore
+from model.abn import ABN
 from model.checkpoint import CheckpointMeta, atomic_write, load_checkpoint
+from model.edited_map import predict_input_with_map
 from model.errors import UserError
 from model.first_model import FirstModelConfig, LabelledImages, train_first_model
 from model.maps import map_size_for
@@ -240,6 +242,7 @@ def run_project_round(
             + (f" ({', '.join(f'{n} {r}' for r, n in skipped.items())} skipped)" if skipped else "")
             + "; label some tasks, or edit the attention brush of some, and submit them"
         )
+    edited_top3 = record_edited_top3(store, project, model, meta, current["version"], kept, images)
     side = map_size_for(meta.image_size)
     examples = Examples(
         images=images,
@@ -301,6 +304,7 @@ def run_project_round(
         "skipped_images": skipped,
         "finished_at": time.time(),
     }
+    record["edited_top3"] = edited_top3
     if not outcome.accepted:
         record.update(status="rejected", reasons=outcome.refusals)
         log.warning("project %s: new model not published: %s", project, "; ".join(outcome.refusals))
@@ -320,6 +324,34 @@ def run_project_round(
     record.update(status="published", version=published["version"])
     log.info("project %s: published %s", project, published["version"])
     return record
+
+
+def record_edited_top3(
+    store: LoopStore,
+    project: str,
+    model: ABN,
+    meta: CheckpointMeta,
+    version: str,
+    corrections: list[Correction],
+    images: torch.Tensor,
+) -> dict[str, list[list[Any]]]:
+    """The top-3 `model` gives with each edited map that has none yet (paper section 3: does
+    the annotator's map make the model right?), kept on the stored correction; returns what
+    was recorded, by annotation id. Done here, not in the webhook, which must answer within
+    Label Studio's one second; a map that cannot be used is logged and skipped."""
+    done = store.edited_top3(project)
+    recorded: dict[str, list[list[Any]]] = {}
+    for c, x in zip(corrections, images, strict=True):
+        if not c.edited or c.target is None or c.annotation_id in done:
+            continue
+        try:
+            top = predict_input_with_map(model, meta.classes, x[None], c.target).top
+        except (ValueError, RuntimeError) as exc:
+            log.warning("annotation %s: no top-3 with its map (%s)", c.annotation_id, exc)
+            continue
+        if store.record_edited_top3(project, c.annotation_id, c.target, version, top):
+            recorded[str(c.annotation_id)] = [[name, round(p, 4)] for name, p in top]
+    return recorded
 
 
 def round_annotations(store: LoopStore, project: str, meta: CheckpointMeta) -> list[Correction]:

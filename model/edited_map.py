@@ -56,14 +56,27 @@ def predict_with_map(
     model: ABN, meta: CheckpointMeta, image: Image.Image, edited: np.ndarray, k: int = TOP_K
 ) -> EditedPrediction:
     """Classify `image` with `edited` gating the perception branch instead of the model's map."""
+    x = meta.transform()(image.convert("RGB"))[None]
+    return predict_input_with_map(model, meta.classes, x, edited, k)
+
+
+@torch.inference_mode()
+def predict_input_with_map(
+    model: ABN, classes: list[str], x: torch.Tensor, edited: np.ndarray, k: int = TOP_K
+) -> EditedPrediction:
+    """:func:`predict_with_map` for an input already transformed, (1, 3, H, W): the worker has
+    its images as tensors. The model is run in eval mode and left in the mode it was in."""
     device = next(model.parameters()).device
-    x = meta.transform()(image.convert("RGB"))[None].to(device)
-    features = model.features(x)
-    _, own = model.att(features)
-    gate = map_to_model_size(edited, tuple(own.shape[-2:])).to(device)
-    output = model.forward_features(features, gate)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.features(x.to(device))
+        _, own = model.att(features)
+        gate = map_to_model_size(edited, tuple(own.shape[-2:])).to(device)
+        output = model.forward_features(features, gate)
+    finally:
+        model.train(was_training)
     probs = output.perception_logits.float().softmax(1)[0].cpu()
-    classes = meta.classes
     values, indices = probs.topk(min(k, len(classes)))
     top = [(classes[i], float(v)) for v, i in zip(values, indices, strict=True)]
     return EditedPrediction(top, output.attention[0, 0].float().cpu().numpy())
