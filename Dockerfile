@@ -32,7 +32,7 @@ COPY scripts/healthcheck.py /app/healthcheck.py
 RUN pip install --no-deps . && rm -rf build ./*.egg-info \
     && useradd --create-home --uid 1000 abn && mkdir -p /data && chown abn /data
 
-USER abn
+USER 1000
 VOLUME /data
 EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \

@@ -15,11 +15,13 @@ if ! podman image exists "$BASE_IMAGE"; then
         trap 'rm -rf "$rootfs"' EXIT
         debootstrap --variant=minbase "${BASE_IMAGE##*:}" "$rootfs" "$MIRROR" >/dev/null
         tar -C "$rootfs" -c . | podman import - "$BASE_IMAGE" >/dev/null
+        rm -rf "$rootfs" && trap - EXIT  # not kept in TMPDIR through the long build
         ;;
     *) echo "base image $BASE_IMAGE not found" >&2; exit 1 ;;
     esac
 fi
-set -- --isolation chroot --network host --build-arg "BASE_IMAGE=$BASE_IMAGE"
+# --format docker: podman's default (OCI) format has no HEALTHCHECK and drops it with a warning.
+set -- --format docker --isolation chroot --network host --build-arg "BASE_IMAGE=$BASE_IMAGE"
 ca=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 if [ -f "$ca" ]; then
     set -- "$@" -v "$ca:/host-ca.crt:ro" --build-arg PIP_CERT=/host-ca.crt
