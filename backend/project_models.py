@@ -29,7 +29,7 @@ from backend.label_config import (
     targets_for,
 )
 from backend.layout import ModelDirLayout
-from backend.registry import ModelRegistry
+from backend.registry import Lineage, ModelRegistry, choose_answering
 from backend.serving import ServedModel, Snapshot
 from backend.settings import Settings
 from model.maps import map_size_for
@@ -100,16 +100,23 @@ class ProjectModels:
 
     def resolve(self, project: str | None, config: str | None) -> ProjectModel:
         """The model for `project` and where its results go in `config` (the project's label
-        config, as Label Studio sends it; None: the model's own generated config).
+        config, as Label Studio sends it; None: the model's own generated config). Which model
+        is the registry's one rule (``backend/registry.py``'s ``choose_answering``).
 
         Raises :class:`LabelConfigError` for a config no model can answer: a broken one, or one
         whose classes differ from those of the project's own model.
         """
         other = self.settings.other_choices
         own = self.own_model(project) if project is not None else None
-        served = own or self.shared_model
-        snap = served.snapshot if served is not None else None  # one read per request
-        if snap is not None and own is not None:
+        if own is not None:
+            snap: Snapshot | None = own.snapshot  # one read per request
+            shared = None
+        else:
+            snap = None
+            shared = self.shared_model.snapshot if self.shared_model is not None else None
+        classes = config_classes(config, other) if config and snap is None else None
+        answer = choose_answering(project, lineage(snap), lineage(shared), classes)
+        if answer.own and snap is not None:
             try:
                 targets = (
                     check_config(config, snap.classes, other)
@@ -119,22 +126,16 @@ class ProjectModels:
             except LabelConfigError as exc:
                 raise LabelConfigError(changed_classes(project, snap, config, other, exc)) from exc
             return ProjectModel(project, snap, targets, own=True)
-        if snap is not None and not config:
-            return ProjectModel(project, snap, default_targets(snap.classes))
-        if snap is not None:
-            try:
-                return ProjectModel(project, snap, check_config(config, snap.classes, other))
-            except LabelConfigError:
-                pass  # a project of other classes: it needs a model of its own
-        if not config:
-            return ProjectModel(project, None, None, reason=no_model_reason(project, None, ()))
-        classes = config_classes(config, other)
-        return ProjectModel(
-            project,
-            None,
-            targets_for(config, classes, other),
-            reason=no_model_reason(project, snap, classes),
-        )
+        if answer.chosen is not None and shared is not None:
+            targets = (
+                check_config(config, shared.classes, other)
+                if config
+                else default_targets(shared.classes)
+            )
+            return ProjectModel(project, shared, targets)
+        reason = no_model_reason(answer.reason or f"project {project} has no model yet")
+        targets = targets_for(config, classes, other) if config and classes is not None else None
+        return ProjectModel(project, None, targets, reason=reason)
 
     def map_size(self, resolved: ProjectModel) -> int:
         """The map side a correction is stored at: the model's, or the first model's to come."""
@@ -177,14 +178,14 @@ class ProjectModels:
         return self.shared.served.info() if self.shared else None
 
 
-def no_model_reason(project: str | None, shared: Snapshot | None, classes: tuple[str, ...]) -> str:
-    """Why a project gets empty predictions, and what makes its first model."""
-    why = f"project {project} has no model yet"
-    if shared is not None and classes:
-        why += (
-            f" (its classes {', '.join(classes)} are not those of the shared model "
-            f"{shared.version}: {', '.join(shared.classes)})"
-        )
+def lineage(snap: Snapshot | None) -> Lineage | None:
+    """A loaded model as the registry's rule sees it."""
+    return Lineage(snap.version, tuple(snap.classes)) if snap is not None else None
+
+
+def no_model_reason(why: str) -> str:
+    """Why a project gets empty predictions (the registry's reason), and what makes its first
+    model."""
     return (
         why + ": label some tasks of each class, then press Start Training (Settings > Model) "
         "to train its first version"

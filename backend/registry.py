@@ -30,8 +30,9 @@ import fcntl
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -255,6 +256,74 @@ def shared_model_path(settings: Settings) -> Path | None:
         if published is not None:
             return published
     return settings.checkpoint
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What one lineage serves now, as far as choosing it for a project goes."""
+
+    version: str
+    classes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Answering:
+    """Which lineage answers a project: its own, the shared model, or none, and why none."""
+
+    chosen: Lineage | None
+    own: bool  # the project's own lineage (False: the shared model, or none)
+    reason: str | None = None  # why none answers
+
+    @property
+    def version(self) -> str | None:
+        return self.chosen.version if self.chosen else None
+
+
+def choose_answering(
+    project: str | None,
+    own: Lineage | None,
+    shared: Lineage | None,
+    classes: Sequence[str] | None,
+) -> Answering:
+    """The one rule for which model answers `project` (serving and rounds both ask it).
+
+    Its own lineage once it has one; else the shared model if that has exactly the project's
+    `classes` (None: not known, e.g. a /predict without a label config, and the shared model
+    answers); else none: the project needs a first model of its own. An own model whose
+    classes differ from the config's still answers: refusing that config is the caller's part
+    (it says what changed).
+    """
+    if own is not None:
+        return Answering(own, own=True)
+    if shared is not None and (classes is None or set(classes) == set(shared.classes)):
+        return Answering(shared, own=False)
+    why = f"project {project} has no model yet"
+    if shared is not None and classes:
+        why += (
+            f" (its classes {', '.join(classes)} are not those of the shared model "
+            f"{shared.version}: {', '.join(shared.classes)})"
+        )
+    return Answering(None, own=False, reason=why)
+
+
+def current_lineage(registry: ModelRegistry) -> Lineage | None:
+    """The lineage's current version and classes, read from its index (None: it serves none)."""
+    if not registry.index_path.is_file():
+        return None
+    current = registry.current()
+    if current is None:
+        return None
+    return Lineage(current["version"], tuple(current.get("classes") or ()))
+
+
+def answering(model_dir: str | Path, project: str, classes: Sequence[str] | None) -> Answering:
+    """:func:`choose_answering` over what MODEL_DIR has published now."""
+    return choose_answering(
+        project,
+        current_lineage(ModelRegistry(model_dir, project)),
+        current_lineage(ModelRegistry(model_dir)),
+        classes,
+    )
 
 
 def all_versions(model_dir: str | Path) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from backend.brush import BrushDecodeError, decode_rle
 from backend.corrections import CorrectionError, brush_alpha, chosen_class, latest_annotation
 from backend.label_config import Targets, config_classes, targets_for
 from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
-from backend.registry import ModelRegistry, RegistryError
+from backend.registry import ModelRegistry, RegistryError, answering
 from backend.settings import Settings
 from backend.store import LoopStore
 from model.checkpoint import atomic_write
@@ -59,6 +59,10 @@ class RoundRecord:
     url: str  # the tab in Label Studio
     created_at: float
     left_out: dict[str, int]  # candidates not offered, by reason
+    # Whether Label Studio shows `tasks` in the order the strategy gave; it sorts a tab by its
+    # prediction score of the project's model version, which is the ML backend's title (not a
+    # version) once a backend is connected, and then every score is empty (docs/rounds.md).
+    in_strategy_order: bool = True
     # What came of it, as last refreshed (refresh_rounds): Label Studio's annotations of its
     # tasks since it was made, and the training on its version since then.
     annotated: int = 0  # its tasks submitted since the round was made
@@ -94,17 +98,16 @@ class HeldOut:
         return cls(raw.get("accuracy"), raw.get("map_mse"), int(raw.get("count") or 0))
 
 
-def project_version(settings: Settings, project: str) -> str:
-    """The version that predicts for `project`: its own lineage's, or the shared model's."""
-    for registry in (ModelRegistry(settings.model_dir, project), ModelRegistry(settings.model_dir)):
-        if registry.layout.registry_index.is_file():
-            current = registry.current()
-            if current is not None:
-                return current["version"]
-    raise RoundError(
-        f"project {project} has no model yet: label some tasks and train its first version "
-        "before a round of corrections"
-    )
+def project_version(settings: Settings, project: str, classes: tuple[str, ...] | None) -> str:
+    """The version that predicts for `project` (of these classes; None: any): the registry's
+    one rule, as serving applies it (its own lineage's, or a shared model of its classes)."""
+    answer = answering(settings.model_dir, project, classes)
+    if answer.version is None:
+        raise RoundError(
+            f"{answer.reason}: label some tasks and train its first version before a round of "
+            "corrections"
+        )
+    return answer.version
 
 
 def candidates(
@@ -200,8 +203,10 @@ def make_round(
     key = str(project)
     folder = settings.layout.rounds(key)
     with one_round_at_a_time(folder):
-        version = project_version(settings, key)
-        targets = project_targets(api, project, settings)
+        project_version(settings, key, None)  # no model at all: refused before any call
+        config = project_config(api, project, settings)
+        version = project_version(settings, key, config.classes)
+        targets = config.targets
         store = LoopStore(settings.layout.corrections_db)
         corrected = {
             c.task_id for c in store.corrections(key) if c.edited and c.model_version == version
@@ -250,18 +255,37 @@ def make_round(
         listed = [t.get("id") for t in (shown or {}).get("tasks", []) if isinstance(t, dict)]
         wanted = [c.task_id for c in ordered]
         in_tab = [t for t in listed if t in wanted]
+        tasks = in_tab + [t for t in wanted if t not in in_tab]
+        in_order = tasks == [c.task_id for c in chosen]
+        if not in_order:
+            why = (
+                "it sorts a tab by prediction score, least confident first"
+                if config.model_version == version
+                else f"it sorts by its prediction score of the project's model version "
+                f"{config.model_version!r}, which is not {version}, so every score it sorts by is "
+                f"empty (set the project's model version to {version} to sort by its scores)"
+            )
+            log.warning(
+                "project %s: Label Studio shows the tab of round %d in another order than %s "
+                "gave: %s; docs/rounds.md",
+                project,
+                number,
+                strategy,
+                why,
+            )
         record = RoundRecord(
             project=project,
             number=number,
             strategy=strategy,
             size=size,
             version=version,
-            tasks=in_tab + [t for t in wanted if t not in in_tab],
+            tasks=tasks,
             view_id=view["id"],
             title=title,
             url=f"{api.conn.url}/projects/{project}/data?tab={view['id']}",
             created_at=time.time(),
             left_out=left_out,
+            in_strategy_order=in_order,
         )
         try:
             write_record(settings, record)
@@ -271,15 +295,34 @@ def make_round(
         return record
 
 
-def project_targets(api: LabelStudioAPI, project: int, settings: Settings) -> Targets:
-    """The control names of the project's label config, as Label Studio has it now."""
+@dataclass(frozen=True)
+class ProjectConfig:
+    """A project's label config as Label Studio has it now: its classes and control names,
+    and the model version whose prediction scores its Data Manager sorts by."""
+
+    classes: tuple[str, ...]
+    targets: Targets
+    model_version: str | None = None
+
+
+def project_config(api: LabelStudioAPI, project: int, settings: Settings) -> ProjectConfig:
+    """The project's classes and control names, read from Label Studio."""
     info = api.call("GET", f"/api/projects/{project}/")
     config = info.get("label_config") if isinstance(info, dict) else None
     if not isinstance(config, str):
         raise RoundError(f"project {project}: Label Studio sent no label_config")
-    return targets_for(
-        config, config_classes(config, settings.other_choices), settings.other_choices
+    classes = config_classes(config, settings.other_choices)
+    version = info.get("model_version")
+    return ProjectConfig(
+        classes,
+        targets_for(config, classes, settings.other_choices),
+        version if isinstance(version, str) else None,
     )
+
+
+def project_targets(api: LabelStudioAPI, project: int, settings: Settings) -> Targets:
+    """The control names of the project's label config, as Label Studio has it now."""
+    return project_config(api, project, settings).targets
 
 
 def write_record(settings: Settings, record: RoundRecord) -> Path:

@@ -15,6 +15,7 @@ from conftest import TOKEN, FakeLabelStudio, serving
 from test_rounds import project_four
 
 from backend.app import create_app
+from backend.label_config import label_config_for
 from backend.rounds import one_round_at_a_time
 from backend.serving import ServedModel
 from backend.settings import Settings
@@ -63,6 +64,7 @@ def test_a_round_over_http_is_made_then_listed(
     assert reply.status_code == 201, reply.text
     made = reply.json()
     assert (made["number"], made["view_id"], made["tasks"]) == (1, 1, [1, 2])
+    assert made["in_strategy_order"] is True  # the tab shows them as least-confident chose
     listed = requests.get(f"{backend}/rounds", params={"project": 4}, auth=AUTH, timeout=30)
     assert listed.status_code == 200
     assert [r["number"] for r in listed.json()["rounds"]] == [1]
@@ -139,3 +141,15 @@ def test_a_project_without_a_model_is_told_to_train_one(
     with serving(create_app(app_settings(tmp_path, fake_ls), served=served)) as base:
         reply = post(base, {"project": 4})
         assert reply.status_code == 409 and "project 4 has no model yet" in error(reply)
+
+
+def test_a_project_of_other_classes_is_told_it_has_no_model(
+    backend: str, fake_ls: FakeLabelStudio, tmp_path: Path
+) -> None:
+    config = label_config_for(["apple", "pear"])  # the shared v1 knows cat, dog, fox
+    fake_ls.add("/api/projects/4/", json.dumps({"id": 4, "label_config": config}).encode())
+    reply = post(backend, {"project": 4})
+    assert reply.status_code == 409, reply.text
+    assert "project 4 has no model yet (its classes apple, pear are not those of the shared " \
+        "model v1: cat, dog, fox)" in error(reply)  # fmt: skip
+    assert list((tmp_path / "rounds").glob("*/round-*.json")) == []
