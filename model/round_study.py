@@ -119,6 +119,18 @@ def measure(
     return scores.accuracy, scores.map_mse, shortcut
 
 
+def train_config(settings: StudySettings, seed: int, epochs: int) -> TrainConfig:
+    """The study's one training configuration: the first model and each round differ only in
+    their epochs, so that a change of batch size or device reaches both."""
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=settings.batch_size,
+        image_size=settings.image_size,
+        seed=seed,
+        device=settings.device,
+    )
+
+
 def run_strategy(
     base: ABN,
     meta: CheckpointMeta,
@@ -129,15 +141,9 @@ def run_strategy(
     seed: int,
 ) -> list[RoundPoint]:
     """Rounds of one strategy from a copy of `base`; a point before them and after each."""
-    device = TrainConfig(device=settings.device).torch_device()
+    config = train_config(settings, seed, settings.finetune_epochs)
+    device = config.torch_device()
     model = copy.deepcopy(base).to(device)
-    config = TrainConfig(
-        epochs=settings.finetune_epochs,
-        batch_size=settings.batch_size,
-        image_size=settings.image_size,
-        seed=seed,
-        device=settings.device,
-    )
     corrected: list[int] = []
 
     def point(number: int) -> RoundPoint:
@@ -192,13 +198,7 @@ def first_model(
     carved: Path, work_dir: Path, settings: StudySettings, seed: int
 ) -> tuple[ABN, CheckpointMeta]:
     """The seed's ABN trained on the carved TRAIN (reused from `work_dir` when it is there)."""
-    config = TrainConfig(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        image_size=settings.image_size,
-        seed=seed,
-        device=settings.device,
-    )
+    config = train_config(settings, seed, settings.epochs)
     path = work_dir / f"abn-{settings.image_size}px-{settings.epochs}ep-seed{seed}.pt"
     if path.is_file():
         log.info("reusing %s", path)

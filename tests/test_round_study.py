@@ -1,0 +1,85 @@
+"""model/round_study.py: a tiny simulated study (8 images, 1 round, 1 seed) and what it writes.
+
+Real training and fine-tuning on the CPU, at 32 px, so that it takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_image_dataset
+from PIL import Image
+
+from model.round_study import StudySettings, run_study, train_config, write_study
+
+SETTINGS = StudySettings(
+    strategies=("random", "least-confident"),
+    rounds=1,
+    size=2,
+    seeds=(0,),
+    epochs=1,
+    finetune_epochs=1,
+    image_size=32,
+    batch_size=4,
+    fraction=0.25,
+    device="cpu",
+)
+
+
+def test_a_tiny_study_writes_its_points_report_and_plots(tmp_path: Path) -> None:
+    human = np.zeros((32, 32), dtype=np.uint8)
+    human[8:24, 8:24] = 255
+    data = make_image_dataset(tmp_path / "data", ["a", "b"], human, per_class=4)
+
+    result = run_study(data, tmp_path / "work", SETTINGS)
+    out = tmp_path / "report"
+    report = write_study(result, SETTINGS, out, "python -m model round-study --rounds 1")
+
+    # 8 TRAIN images less a quarter of each class for validation; the test split is not read.
+    assert (result.facts["pool"], result.facts["validation"]) == (6, 2)
+    saved = json.loads((out / "points.json").read_text())
+    assert saved["settings"]["rounds"] == 1 and saved["settings"]["seeds"] == [0]
+    rows = [(p["strategy"], p["round"], p["corrections"]) for p in saved["points"]]
+    assert rows == [("random", 0, 0), ("random", 1, 2),
+                    ("least-confident", 0, 0), ("least-confident", 1, 2)]  # fmt: skip
+    for p in saved["points"]:
+        assert 0.0 <= p["accuracy"] <= 1.0 and p["map_mse"] >= 0.0
+        assert p["shortcut_accuracy"] is None  # no shortcut dataset: not measured
+    # Round 0 of every strategy is the same first model, measured once per strategy.
+    firsts = [p for p in saved["points"] if p["round"] == 0]
+    assert firsts[0]["accuracy"] == firsts[1]["accuracy"]
+    assert firsts[0]["map_mse"] == pytest.approx(firsts[1]["map_mse"])
+
+    text = report.read_text()
+    assert report == out / "report.md"
+    assert "Command: `python -m model round-study --rounds 1`" in text
+    assert "| random | 1 | 2 | 1 |" in text and "| least-confident | 0 | 0 | 1 |" in text
+    assert "Random selection's" in text  # the verdict on the goal, whichever it is
+    for name in ("accuracy.png", "map_distance.png"):
+        assert f"]({name})" in text
+        with Image.open(out / name) as plot:
+            assert plot.format == "PNG" and plot.width > 100
+    assert not (out / "shortcut_accuracy.png").exists()
+    # The first model is kept in the work folder and reused by the next run.
+    [checkpoint] = (tmp_path / "work").glob("abn-32px-1ep-seed0.pt")
+    stamp = checkpoint.stat().st_mtime_ns
+    again = run_study(data, tmp_path / "work", replace(SETTINGS, strategies=("random",)))
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert [p.accuracy for p in again.points if p.round == 0] == [firsts[0]["accuracy"]]
+
+
+def test_the_first_model_and_the_rounds_share_one_training_configuration() -> None:
+    first, round_ = train_config(SETTINGS, 3, SETTINGS.epochs), train_config(SETTINGS, 3, 7)
+    assert (first.batch_size, first.image_size, first.seed, first.device) == (4, 32, 3, "cpu")
+    assert (round_.epochs, round_.batch_size, round_.device) == (7, 4, "cpu")
+
+
+def test_an_unknown_strategy_is_refused_before_any_training(tmp_path: Path) -> None:
+    bad = StudySettings(strategies=("random", "best"), seeds=(0,))
+    with pytest.raises(ValueError, match=r"unknown strategies \['best'\]"):
+        run_study(tmp_path / "nowhere", tmp_path / "work", bad)
+    assert not (tmp_path / "work").exists()
