@@ -103,7 +103,10 @@ def test_nothing_half_made_when_label_studio_fails_and_one_round_at_a_time(
 
 
 def test_a_round_is_a_tab_in_label_studios_order_and_a_failed_read_takes_it_back(
-    tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
+    tmp_path: Path,
+    fake_ls: FakeLabelStudio,
+    tiny_checkpoint: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     settings, api = project_four(tmp_path, fake_ls, tiny_checkpoint)
     fake_ls.accept_views = True
@@ -118,6 +121,9 @@ def test_a_round_is_a_tab_in_label_studios_order_and_a_failed_read_takes_it_back
     assert [f["value"] for f in view["data"]["filters"]["items"]] == [1, 2, 3]
     assert (record.number, record.view_id, record.tasks) == (1, 1, [2, 1, 3])
     assert not record.in_strategy_order  # least-confident gave 1, 2, 3
+    [warning] = [r.getMessage() for r in caplog.records if "another order" in r.getMessage()]
+    assert "round 1 in another order than least-confident gave" in warning
+    assert "model version None, which is not v1" in warning  # the fake's project names none
     saved = json.loads((settings.layout.rounds("4") / "round-1.json").read_text())
     assert saved["tasks"] == [2, 1, 3] and saved["version"] == "v1"
     assert record.url == f"{fake_ls.url}/projects/4/data?tab=1"
