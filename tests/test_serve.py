@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -220,4 +222,70 @@ def test_run_says_ready_restarts_a_dead_redis_and_leaves_nothing(tmp_path: Path)
     assert "Traceback" not in log.read_text()  # the worker says it lost Redis, in one line
     # torch's own compile cache (torchinductor_<user>) is made by importing torchvision, is
     # meant to persist, and is shared by every torch program; nothing else may be left.
+    assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
+
+
+def test_a_killed_run_takes_its_children_along_and_the_next_start_clears_up(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL leaves `abn run` no chance to stop anything: its worker, backend and embedded
+    Redis get SIGTERM from the kernel instead, and the Redis folder it could not remove is
+    removed by the next start (once it is old enough not to be another run's fresh one)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    environment = {**os.environ, "MODEL_DIR": str(tmp_path / "model_dir"), "TMPDIR": str(scratch)}
+    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
+        environment.pop(name, None)
+
+    def start(log: Path) -> tuple[subprocess.Popen, str]:
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", "run", "--port", str(port)],
+            cwd=ROOT,
+            env=environment,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return proc, f"http://127.0.0.1:{port}"
+
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    first, base = start(first_log)
+    second = None
+    everything: list[psutil.Process] = []
+    try:
+        wait_for(lambda: f"READY {base}".encode() in first_log.read_bytes(), START_WAIT, "READY")
+        everything = psutil.Process(first.pid).children(recursive=True)
+        names = {p.name() for p in everything}
+        assert any(n.startswith("redis-server") for n in names), names
+        [left] = scratch.glob("abn-redis-*")
+        first.kill()
+        first.wait()
+
+        def all_gone() -> bool:
+            for p in everything:
+                try:
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        return False
+                except psutil.NoSuchProcess:
+                    continue
+            return True
+
+        wait_for(all_gone, 120, f"the children of a killed abn run to stop: {everything}")
+        assert not healthy(base)
+        assert left.is_dir()  # nobody could remove it: the next start does
+        an_hour_ago = time.time() - 3600
+        os.utime(left, (an_hour_ago, an_hour_ago))
+        second, base = start(second_log)
+        wait_for(lambda: f"READY {base}".encode() in second_log.read_bytes(), START_WAIT, "READY")
+        assert not left.exists() and f"removed {left}" in second_log.read_text()
+        assert len(list(scratch.glob("abn-redis-*"))) == 1  # the second run's own
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_group(proc)
+        for p in everything:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    assert second.returncode == 0, second_log.read_text()[-3000:]
     assert [p.name for p in scratch.iterdir() if not p.name.startswith("torchinductor_")] == []
