@@ -94,6 +94,11 @@ class Settings:
     # ABN_COUNTERFACTUALS: counterfactual copies of each corrected image a round adds
     # (model/counterfactual.py); 0, the default, is the paper's objective alone.
     counterfactuals: int = 0
+    # ABN_LEARNING_STAGES: the trunk's last k stages learn in a round too (0: branches only,
+    # the paper's; the trunk is then cached). ABN_COUNTERFACTUALS=4 with 1 is what the
+    # shortcut study chose on validation (docs/results/objectives/).
+    learning_stages: int = 0
+    verdict_tab: bool = True  # ABN_VERDICT_TAB: each round's verdict as a Data Manager tab
     gate_accuracy_margin: float = 0.05  # ABN_GATE_ACCURACY_MARGIN: accuracy it may lose
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
     gate_alpha: float = 0.05  # ABN_GATE_ALPHA: significance of the gate's paired sign tests
@@ -172,6 +177,8 @@ class Settings:
             finetune_lr=_float(env, "ABN_FINETUNE_LR", None),
             holdout_fraction=_float(env, "ABN_HOLDOUT_FRACTION", defaults.holdout_fraction),
             counterfactuals=_int(env, "ABN_COUNTERFACTUALS", defaults.counterfactuals, 0, 64),
+            learning_stages=_int(env, "ABN_LEARNING_STAGES", defaults.learning_stages, 0, 3),
+            verdict_tab=_bool(env, "ABN_VERDICT_TAB", defaults.verdict_tab),
             gate_accuracy_margin=_float(
                 env, "ABN_GATE_ACCURACY_MARGIN", defaults.gate_accuracy_margin, positive=False
             ),

@@ -36,6 +36,7 @@ from backend.redis_connection import connect
 from backend.registry import ModelRegistry
 from backend.settings import Settings
 from backend.store import LoopStore
+from backend.verdict import post_verdict
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta, atomic_write, load_checkpoint
 from model.edited_map import predict_input_with_map
@@ -283,6 +284,7 @@ def run_project_round(
         data_label=f"project {project} annotations",
         progress=on_epoch,
         counterfactual_copies=settings.counterfactuals,
+        learning_stages=settings.learning_stages,
     )
     trained_ids = [kept[i].annotation_id for i in outcome.trained]
     gate_record = {
@@ -299,6 +301,8 @@ def run_project_round(
         "held_out_annotation_ids": [kept[i].annotation_id for i in outcome.held_out],
         # The gate's reference: the held-out annotations made before this round, where enough.
         "judged_annotation_ids": [kept[i].annotation_id for i in outcome.judged_on],
+        # What the round's verdict tab holds: the tasks whose annotations were new to it.
+        "new_task_ids": [c.task_id for c in kept if c.trained_in is None],
         "gate": gate_record,
         "settings": outcome.meta["settings"],
         "skipped_images": skipped,
@@ -409,9 +413,13 @@ def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
             "finished_at": time.time(),
         }
         write_last_result(settings, project, record)
+        post_verdict(settings, project, record)
         raise
     finally:
         beating.set()
         queue.release(project)
     write_last_result(settings, project, record)
+    record["verdict_tab"] = post_verdict(settings, project, record)
+    if record["verdict_tab"] is not None:
+        write_last_result(settings, project, record)
     return record

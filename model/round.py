@@ -309,11 +309,14 @@ def run_round(
     data_label: str = "corrections",
     progress: Callable[[dict[str, Any]], None] | None = None,
     counterfactual_copies: int = 0,
+    learning_stages: int = 0,
 ) -> RoundOutcome:
     """Split, fine-tune `model`'s branches (in place), and gate it against how it was before.
 
     `counterfactual_copies`: that many counterfactual copies of every training example with a
     map join the training share (``model/counterfactual.py``); 0 is the paper's objective.
+    `learning_stages`: the trunk's last k stages learn too (:func:`model.train.freeze_trunk`);
+    together with counterfactual copies, the objective the shortcut study chose on validation.
     """
     if len(examples) == 0:
         raise ValueError("a round needs at least one example")
@@ -354,6 +357,7 @@ def run_round(
         dataset=dataset,
         data_label=data_label,
         progress=progress,
+        learning_stages=learning_stages,
     )
     new_meta["settings"]["counterfactual_copies"] = counterfactual_copies
     after = score(

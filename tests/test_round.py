@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from squares import CLASSES, square_image
 
 from model import build_abn
 from model.checkpoint import make_meta
+from model.data import image_transform
+from model.first_model import FirstModelConfig, LabelledImages, train_first_model
+from model.maps import map_size_for
 from model.round import (
     Examples,
     GateMargins,
@@ -224,3 +228,78 @@ def test_run_round_scores_only_its_reference() -> None:
     assert len(earlier) >= 2 and len(earlier) < len(outcome.held_out)  # the case under test
     assert outcome.judged_on == earlier
     assert outcome.before.count == outcome.after.count == len(earlier)
+
+
+def square_examples(keys: list[int], scrambled: set[int], new: set[int] | None) -> Examples:
+    """`tests/squares.py` images at 64 px: a class each (the next class where scrambled), the
+    square as the map of every key not among the first model's labels (keys < 300)."""
+    transform = image_transform(64, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    images, labels, maps = [], [], []
+    for key in keys:
+        picture, label, human = square_image(key, 64)
+        images.append(transform(picture))
+        labels.append((label + 1) % len(CLASSES) if key in scrambled else label)
+        human_map = torch.from_numpy(human).float()[None, None] / 255
+        maps.append(torch.nn.functional.adaptive_avg_pool2d(human_map, map_size_for(64))[0])
+    return Examples(
+        images=torch.stack(images),
+        labels=torch.tensor(labels),
+        maps=torch.stack(maps),
+        keys=tuple(keys),
+        has_map=torch.tensor([k >= 300 for k in keys]),
+        new=None if new is None else torch.tensor([k in new for k in keys]),
+    )
+
+
+@pytest.mark.slow
+def test_an_honest_round_lifts_accuracy_and_a_scrambled_one_is_refused() -> None:
+    """A weak first model, an honest round that lifts it, then a round of 48 scrambled classes
+    with honest maps, judged on the labels from before it: refused."""
+    first_keys = list(range(200, 236))
+    pictures = [square_image(k, 64) for k in first_keys]
+    first, meta, _ = train_first_model(
+        LabelledImages(
+            [p for p, _, _ in pictures], [c for _, c, _ in pictures], first_keys, CLASSES
+        ),
+        FirstModelConfig(image_size=64, epochs=4, device="cpu"),
+    )
+    config = TrainConfig(epochs=10, batch_size=16, image_size=64, device="cpu")
+    honest_keys = list(range(300, 312))
+    honest = run_round(
+        first, meta, square_examples(first_keys + honest_keys, set(), set(honest_keys)), config
+    )
+    assert honest.accepted, honest.refusals
+    assert honest.comparison.fixed > honest.comparison.broken
+    assert honest.after.accuracy > honest.before.accuracy
+    assert all(i < len(first_keys) for i in honest.judged_on)  # the first model's labels
+
+    bad = set(range(400, 448))
+    keys = first_keys + honest_keys + sorted(bad)
+    scrambled = run_round(honest.model, honest.meta, square_examples(keys, bad, bad), config)
+    assert not scrambled.accepted
+    assert "held-out accuracy fell" in scrambled.refusals[0]
+    assert scrambled.comparison.broken > scrambled.comparison.fixed
+    assert not any(keys[i] in bad for i in scrambled.judged_on)
+
+
+def test_a_round_lets_the_trunks_last_stage_learn_only_when_asked() -> None:
+    torch.manual_seed(0)
+    meta = make_meta("abn", "resnet18", ["a", "b", "c"], image_size=32)
+    examples = examples_of([0, 1, 2] * 6, None)
+    examples.images.normal_()
+    layer3 = {}
+    for stages in (0, 1):
+        model = build_abn("resnet18", 3)
+        before = [p.detach().clone() for p in model.layer3.parameters()]
+        outcome = run_round(
+            model,
+            meta,
+            examples,
+            TrainConfig(epochs=1, batch_size=6, device="cpu"),
+            margins=GateMargins(accuracy=1.0, map_mse=1.0, min_evidence=1),
+            learning_stages=stages,
+        )
+        after = list(outcome.model.layer3.parameters())
+        layer3[stages] = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+        assert outcome.meta["settings"]["learning_stages"] == stages
+    assert layer3 == {0: False, 1: True}

@@ -15,7 +15,7 @@ from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
 from backend.corrections import Correction
 from backend.label_config import label_config_for
 from backend.registry import ModelRegistry
-from backend.settings import Settings
+from backend.settings import Settings, SettingsError
 from backend.store import LoopStore
 from backend.training import TrainingRefused, train_project, write_last_result
 from model import load_checkpoint
@@ -171,3 +171,20 @@ def test_a_round_learns_from_every_labelled_task_and_never_twice_from_the_same(
     store.put(labelled("11", 10, "fox", np.full((4, 4), 0.2, np.float32)))
     trained = train_project("11", settings.replace(gate_min_evidence=1), "START_TRAINING")
     assert trained["status"] in ("published", "rejected") and "gate" in trained
+
+
+def test_the_round_objective_settings_are_read_and_bad_values_refused() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.learning_stages, defaults.counterfactuals, defaults.verdict_tab) == (
+        0,
+        0,
+        True,
+    )
+    chosen = Settings.from_env(
+        {"ABN_LEARNING_STAGES": "1", "ABN_COUNTERFACTUALS": "4", "ABN_VERDICT_TAB": "0"}
+    )
+    assert (chosen.learning_stages, chosen.counterfactuals, chosen.verdict_tab) == (1, 4, False)
+    for name, bad in (("ABN_LEARNING_STAGES", "4"), ("ABN_LEARNING_STAGES", "-1"),
+                      ("ABN_LEARNING_STAGES", "layer3"), ("ABN_VERDICT_TAB", "maybe")):  # fmt: skip
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: bad})

@@ -1,0 +1,137 @@
+"""A round's verdict, shown where a project's people look: a Data Manager tab of its own.
+
+Label Studio 1.23.2 shows nothing a backend sends after Start Training (its train call answers
+an empty 200), and the ML backend's card shows only fields the project manager set. The Data
+Manager is what annotators and managers open first, and its tabs are the one thing a backend may
+own there without rewriting anyone's settings. So each project gets one tab, made and then kept
+up to date by the worker after every round: its title is the verdict with its numbers, and it
+holds the tasks whose annotations were new to that round, so they can be reviewed in one click.
+The tab's id is kept in ``MODEL_DIR/verdicts/<project>.json``; a tab someone deleted is made
+again at the next round.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backend.label_studio import LabelStudioAPI, LabelStudioAPIError, ProjectConnections
+from backend.rounds import tab_filters
+from backend.settings import Settings
+from model.checkpoint import atomic_write
+
+log = logging.getLogger(__name__)
+
+TITLE_LIMIT = 240  # characters: a tab title, not a report; the full reasons are in /status
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one round's job record says, as a tab shows it."""
+
+    title: str
+    task_ids: tuple[int, ...]  # the tasks whose annotations were new to the round
+
+
+def _accuracy(gate: dict[str, Any]) -> str:
+    before = (gate.get("before") or {}).get("accuracy")
+    after = (gate.get("after") or {}).get("accuracy")
+    paired = gate.get("paired") or {}
+    count = (gate.get("before") or {}).get("count")
+    if before is None or after is None:
+        return ""
+    return (
+        f"held-out accuracy {before:.2f} -> {after:.2f} "
+        f"({paired.get('fixed', 0)} fixed, {paired.get('broken', 0)} broken, {count} tasks)"
+    )
+
+
+def verdict_of(record: dict[str, Any]) -> Verdict | None:
+    """The verdict of a round's job record; None for a record that is not a round's."""
+    status = record.get("status")
+    tasks = tuple(int(t) for t in record.get("new_task_ids") or ())
+    if status == "published" and record.get("gate"):
+        numbers = _accuracy(record["gate"])
+        title = f"ABN: round published as {record.get('version')}" + (
+            f": {numbers}" if numbers else ""
+        )
+    elif status == "published":  # a first model: no gate, its own validation
+        first = record.get("first_model") or {}
+        accuracy = first.get("validation_accuracy")
+        title = f"ABN: first model {record.get('version')}" + (
+            f", validation accuracy {accuracy:.2f}" if accuracy is not None else ""
+        )
+    elif status == "rejected":
+        reasons = "; ".join(record.get("reasons") or ())
+        title = f"ABN: round refused, {record.get('parent_version')} still serves: {reasons}"
+    elif status == "failed":
+        title = "ABN: training failed: " + "; ".join(record.get("reasons") or ())
+    else:
+        return None
+    if len(title) > TITLE_LIMIT:
+        title = title[: TITLE_LIMIT - 3] + "..."
+    return Verdict(title=title, task_ids=tasks)
+
+
+def _tab_file(settings: Settings, project: str) -> Path:
+    return settings.model_dir / "verdicts" / f"{project}.json"
+
+
+def _tab_data(verdict: Verdict) -> dict[str, Any]:
+    data: dict[str, Any] = {"title": verdict.title}
+    if verdict.task_ids:
+        data["filters"] = tab_filters(list(verdict.task_ids))
+    return data
+
+
+def show_verdict(api: LabelStudioAPI, settings: Settings, project: str, verdict: Verdict) -> int:
+    """Make or update the project's verdict tab; its id. Raises LabelStudioAPIError."""
+    path = _tab_file(settings, project)
+    try:
+        view_id = int(json.loads(path.read_text())["view_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        view_id = None
+    body = {"project": int(project), "data": _tab_data(verdict)}
+    if view_id is not None:
+        try:
+            api.call("PATCH", f"/api/dm/views/{view_id}/", json=body)
+            return view_id
+        except LabelStudioAPIError as exc:
+            if exc.status != 404:
+                raise
+            log.info("project %s: the verdict tab %s is gone; making a new one", project, view_id)
+    view = api.call("POST", "/api/dm/views/", json=body)
+    if not isinstance(view, dict) or not isinstance(view.get("id"), int):
+        raise LabelStudioAPIError(f"Label Studio made no tab ({str(view)[:200]})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as f:
+        json.dump({"view_id": view["id"]}, f)
+    return view["id"]
+
+
+def post_verdict(settings: Settings, project: str, record: dict[str, Any]) -> int | None:
+    """Best effort from the worker: a round's outcome is recorded whether or not Label Studio
+    can be told. The tab's id, or None when there is nothing to show or no way to show it."""
+    verdict = verdict_of(record)
+    if verdict is None or not settings.verdict_tab or not project.isdigit():
+        return None
+    if settings.label_studio_url:
+        url, token = settings.label_studio_url, settings.label_studio_api_key
+    else:
+        known = ProjectConnections(settings.projects_dir, None, settings.image_allowed_hosts).get(
+            project
+        )
+        if known is None:
+            log.info(
+                "project %s: no Label Studio host known; the verdict stays in /status", project
+            )
+            return None
+        url, token = known.url, known.token or settings.label_studio_api_key
+    try:
+        return show_verdict(LabelStudioAPI(url, token, timeout=30), settings, project, verdict)
+    except LabelStudioAPIError as exc:
+        log.warning("project %s: could not show the verdict in Label Studio: %s", project, exc)
+        return None

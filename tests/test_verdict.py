@@ -1,0 +1,76 @@
+"""backend/verdict.py: what a round's tab says, and that failing to say it loses nothing.
+
+Making and updating the tab in a real Label Studio is tests/e2e/test_gate_e2e.py's."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from processes import free_port
+
+from backend.settings import Settings
+from backend.verdict import TITLE_LIMIT, post_verdict, verdict_of
+
+GATE = {
+    "before": {"accuracy": 0.2, "count": 10},
+    "after": {"accuracy": 0.6, "count": 10},
+    "paired": {"fixed": 4, "broken": 0},
+}
+
+
+def test_the_verdict_says_the_outcome_and_its_numbers() -> None:
+    published = verdict_of(
+        {"status": "published", "version": "p3-v2", "gate": GATE, "new_task_ids": [7, 8]}
+    )
+    assert published is not None and published.task_ids == (7, 8)
+    assert published.title == (
+        "ABN: round published as p3-v2: held-out accuracy 0.20 -> 0.60 "
+        "(4 fixed, 0 broken, 10 tasks)"
+    )
+    refused = verdict_of(
+        {
+            "status": "rejected",
+            "parent_version": "p3-v2",
+            "reasons": ["held-out accuracy fell from 0.538 to 0.231 (margin 0.05)"],
+            "gate": GATE,
+        }
+    )
+    assert refused is not None and refused.task_ids == ()
+    assert refused.title == (
+        "ABN: round refused, p3-v2 still serves: held-out accuracy fell from 0.538 to 0.231 "
+        "(margin 0.05)"
+    )
+    first = verdict_of(
+        {"status": "published", "version": "p3-v1", "first_model": {"validation_accuracy": 0.5}}
+    )
+    assert first is not None and first.title == ("ABN: first model p3-v1, validation accuracy 0.50")
+    failed = verdict_of({"status": "failed", "reasons": ["OSError: disk full"]})
+    assert failed is not None and failed.title == "ABN: training failed: OSError: disk full"
+    assert verdict_of({"status": "skipped", "reasons": ["nothing new"]}) is None
+    long = verdict_of({"status": "rejected", "parent_version": "v1", "reasons": ["x" * 1000]})
+    assert long is not None and len(long.title) == TITLE_LIMIT and long.title.endswith("...")
+
+
+def test_a_label_studio_that_cannot_be_reached_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    record = {"status": "published", "version": "p3-v2", "gate": GATE, "new_task_ids": [1]}
+    closed = Settings(
+        model_dir=tmp_path, label_studio_url=f"http://127.0.0.1:{free_port()}", verdict_tab=True
+    )
+    with caplog.at_level(logging.WARNING, logger="backend.verdict"):
+        assert post_verdict(closed, "3", record) is None
+    assert "could not show the verdict" in caplog.text and "cannot reach" in caplog.text
+    assert not (tmp_path / "verdicts").exists()  # no tab id recorded for a tab never made
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="backend.verdict"):
+        # Turned off, not tried at all; a project that is not Label Studio's, not either.
+        assert post_verdict(closed.replace(verdict_tab=False), "3", record) is None
+        assert post_verdict(closed, "../3", record) is None
+        # No host set and none known from the project's /setup: nowhere to show it.
+        assert post_verdict(Settings(model_dir=tmp_path), "3", record) is None
+    assert "could not show" not in caplog.text
+    assert "no Label Studio host known" in caplog.text
