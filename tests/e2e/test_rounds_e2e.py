@@ -284,6 +284,10 @@ def test_rounds_are_tabs_that_the_labeling_stream_serves(
     assert (record2.tasks, record2.in_strategy_order) == (rest, True)
     [view2] = [v for v in ls.api("GET", "/api/dm/views/", params={"project": pid})
                if v["id"] == tab2]  # fmt: skip
+    # "Label 2 Tasks" with two of them selected: the selection in the tab's order, no filters.
+    picked = {"ordering": view2["data"]["ordering"],
+              "selectedItems": {"all": False, "included": [rest[2], rest[1]]}}  # fmt: skip
+    assert next_task(ls, pid, tab2, picked) == rest[1]
     served = []
     while (task := next_task(ls, pid, tab2, as_displayed(view2))) is not None:
         assert len(served) < 4, f"the stream served {served} and then {task}"
