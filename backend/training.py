@@ -418,8 +418,7 @@ def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
     finally:
         beating.set()
         queue.release(project)
+    write_last_result(settings, project, record)  # durable before Label Studio is called
+    record["verdict_tab"] = post_verdict(settings, project, record)  # None: not shown there
     write_last_result(settings, project, record)
-    record["verdict_tab"] = post_verdict(settings, project, record)
-    if record["verdict_tab"] is not None:
-        write_last_result(settings, project, record)
     return record
