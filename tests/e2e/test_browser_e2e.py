@@ -52,7 +52,7 @@ def backend(tmp_path: Path, tiny_checkpoint: Path) -> Iterator[Loop]:
         yield deployment
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def shots() -> Path:
     """This run's screenshot folder (kept: it is what a reviewer looks at)."""
     base = os.environ.get("ABN_BROWSER_SHOTS")
@@ -157,7 +157,7 @@ def test_an_annotator_edits_the_map_in_the_browser(
         editor.press(CLASS_HOTKEYS[CLASSES.index(other)])
         editor.shot("class-changed")
         page.get_by_role("button", name="Submit").click()
-        page.get_by_text("Annotation saved successfully").wait_for(timeout=60_000)
+        page.get_by_text("Annotation saved successfully", exact=True).first.wait_for(timeout=60_000)
         editor.shot("submitted")
 
     [stored] = wait_for(
@@ -198,3 +198,69 @@ def test_an_annotator_edits_the_map_in_the_browser(
     ]
     with capsys.disabled():
         print(f"browser e2e: {time.monotonic() - started:.0f} s, screenshots in {shots}")
+
+
+CHECK = (
+    '  <KeyPointLabels name="check" toName="image" smart="true" smartOnly="true">\n'
+    '    <Label value="Check my map" background="#2d7dff" hotkey="j"/>\n'
+    "  </KeyPointLabels>\n"
+)
+
+
+def test_an_interactive_backend_hears_of_no_brush_stroke(
+    label_studio: LabelStudioServer, backend: Loop, tmp_path: Path, shots: Path
+) -> None:
+    """What Label Studio 1.23.2 sends an interactive backend while the map is edited (see
+    docs/loop.md, section 5): a brush stroke, even with the smart brush and Auto-Annotation on,
+    saves a draft and calls nothing; a smart key point does call interactive-annotating, with
+    only itself as the context, once the regions are hidden (else the click selects the brush)."""
+    ls = label_studio
+    config = label_config_for(CLASSES).replace("</View>", CHECK + "</View>")
+    pid = ls.create_project("ABN interactive probe", config)["id"]
+    [task_id] = ls.upload_image(pid, photo(tmp_path / "photo.png"))
+    ls.connect_ml_backend(pid, backend.base, "ABN", is_interactive=True)
+    ls.retrieve_predictions(pid)
+    folder = shots / "interactive"
+    folder.mkdir()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        editor = Editor(page, ls.url, folder)
+        calls: list[tuple[str, str]] = []
+        page.on(
+            "request",
+            lambda r: calls.append((r.method, r.url)) if "/api/" in r.url else None,
+        )
+        editor.login(ls.email, ls.password)
+        editor.open_task(pid, task_id)
+        page.get_by_text("Auto-Annotation", exact=True).click()
+        page.get_by_text("Auto-Accept Suggestions").wait_for()
+        smart = page.locator(".lsf-tool_smart:visible").first
+        smart.hover()
+        page.locator(".lsf-tool_smart[aria-label=brush-tool]:visible").click()
+        editor.press("a")  # the Attention label: a smart-brush stroke makes a new region
+        calls.clear()
+        # The stroke is taken: the editor autosaves it as the user's draft (within seconds).
+        with page.expect_request(lambda r: "/drafts" in r.url, timeout=60_000):
+            editor.drag(serpentine(cell_box(1, 1)))
+        page.wait_for_timeout(3000)  # the editor waits 1.2 s after a brush region is drawn
+        editor.shot("smart-brush-stroke")
+        assert not [url for _, url in calls if "interactive-annotating" in url], calls
+
+        # The smart tools fold into one button; with one of them active it shows that tool's
+        # settings instead, so another tool is picked first.
+        page.locator("[aria-label=move-tool]:visible").first.click()
+        smart.hover()
+        page.locator(".lsf-tool_smart[aria-label=key-point-tool]:visible").click()
+        page.get_by_text("Check my map", exact=True).click()
+        editor.press("Control+h")  # hide the regions, so the click is not taken by the brush
+        box = editor.stage_box()
+        with page.expect_request(lambda r: "interactive-annotating" in r.url) as asked:
+            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+        body = asked.value.post_data_json
+        assert body["task"] == task_id
+        assert [r["type"] for r in body["context"]["result"]] == ["keypointlabels"]
+        reply = asked.value.response()
+        assert reply is not None and reply.ok
+        assert reply.json()["data"]["result"]  # Label Studio passed on what /predict answered
+        editor.press("Control+h")
+        editor.shot("check-point")
