@@ -73,7 +73,7 @@ bench: $(VENV)/.installed
 
 # Builds the image and runs backend, worker and Redis from it (podman and buildah, as root):
 # a prediction, a correction and a training to a new version, then removes everything.
-docker-test: $(VENV)/.installed
+docker-test:
 	scripts/docker_test.sh
 
 clean:
