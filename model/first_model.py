@@ -3,9 +3,11 @@
 A new project has labelled images and no model. This trains one, from an ImageNet-pretrained
 trunk when one is named (much better with a hundred images) or from scratch, with the usual
 crop-and-flip augmentation, under an epoch budget and a time budget (whichever ends first), and
-keeps the epoch that did best on a validation split carved from the labelled images (a stable
-split by each image's key, as a round's gate uses). Nothing here knows where the images came
-from; the backend's training job fetches them.
+keeps the epoch that did best on a validation split. The tasks a round's gate holds out (a
+stable share by each image's key) are left out altogether: later rounds are judged on them, so
+the first model must neither learn from them nor be chosen on them. The validation split is a
+second stable share of the rest. Nothing here knows where the images came from; the backend's
+training job fetches them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from model.abn import build_abn
 from model.checkpoint import CheckpointMeta, make_meta
 from model.data import image_transform
 from model.errors import UserError
-from model.round import split
+from model.round import is_held_out, split
 from model.train import TrainConfig, accuracy, autocast, loss_of, seed_everything, sgd
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class FirstModelReport:
 
     trained_on: int
     validated_on: int
+    held_out: int  # left for the gate of the project's rounds: neither trained nor validated on
     epochs_run: int
     best_epoch: int
     validation_accuracy: float | None
@@ -118,6 +121,21 @@ def check_trainable(data: LabelledImages) -> None:
         )
 
 
+def first_model_split(
+    keys: tuple[int, ...], fraction: float
+) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, held out for the gate) indices into `keys`. Too few to split: train
+    on everything, no validation (the last epoch is kept)."""
+    usable, held = split(keys, fraction)
+    if set(usable) == set(held):
+        return list(range(len(keys))), [], []
+    val = [i for i in usable if is_held_out(keys[i], fraction, salt="first-model validation")]
+    train = [i for i in usable if i not in set(val)]
+    if not val or not train:
+        return usable, [], held
+    return train, val, held
+
+
 def train_first_model(
     data: LabelledImages,
     config: FirstModelConfig | None = None,
@@ -139,9 +157,7 @@ def train_first_model(
     generator = seed_everything(config.seed)
     meta = make_meta("abn", config.arch, data.classes, config.image_size)
     model = build_abn(config.arch, len(data.classes), pretrained=config.pretrained).to(device)
-    train_idx, val_idx = split(tuple(data.keys), config.validation_fraction)
-    if set(train_idx) == set(val_idx):
-        val_idx = []  # too few to split: no validation, the last epoch is kept
+    train_idx, val_idx, held_out = first_model_split(tuple(data.keys), config.validation_fraction)
     train_set = _Augmented(
         [data.images[i] for i in train_idx],
         [data.labels[i] for i in train_idx],
@@ -165,10 +181,12 @@ def train_first_model(
     optimizer = sgd(model.parameters(), train_cfg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     log.info(
-        "first model: %s-ABN on %d images (%d for validation), %d classes, %s, %s",
+        "first model: %s-ABN on %d images (%d for validation, %d left for the gate), %d classes, "
+        "%s, %s",
         config.arch,
         len(train_idx),
         len(val_idx),
+        len(held_out),
         len(data.classes),
         device,
         f"pretrained {config.pretrained}" if config.pretrained else "from scratch",
@@ -207,6 +225,7 @@ def train_first_model(
     report = FirstModelReport(
         trained_on=len(train_idx),
         validated_on=len(val_idx),
+        held_out=len(held_out),
         epochs_run=len(history),
         best_epoch=best_epoch,
         validation_accuracy=None if not val_idx else best_acc,

@@ -43,9 +43,10 @@ from model.metrics import map_mse
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune
 
 
-def is_held_out(key: int, fraction: float) -> bool:
-    """A stable split: the same key is always on the same side."""
-    digest = hashlib.sha256(str(key).encode()).digest()
+def is_held_out(key: int, fraction: float, salt: str = "") -> bool:
+    """A stable split: the same key is always on the same side. Another `salt` draws another
+    split, independent of the gate's (which has none)."""
+    digest = hashlib.sha256(f"{salt}{key}".encode()).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 

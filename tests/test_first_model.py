@@ -10,8 +10,10 @@ from model.first_model import (
     FirstModelConfig,
     FirstModelError,
     LabelledImages,
+    first_model_split,
     train_first_model,
 )
+from model.round import split
 
 CLASSES = ["red", "blue"]
 
@@ -33,7 +35,8 @@ def test_a_first_model_learns_the_classes_in_config_order() -> None:
     model, meta, report = train_first_model(coloured(10), config, progress=rows.append)
     assert meta.classes == CLASSES and meta.kind == "abn" and meta.image_size == 32
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4] and report.stopped_by == "epochs"
-    assert report.trained_on + report.validated_on == 20 and report.validated_on > 0
+    assert report.trained_on + report.validated_on + report.held_out == 20
+    assert report.validated_on > 0 and report.held_out > 0
     assert report.class_counts == {"red": 10, "blue": 10}
     assert 1 <= report.best_epoch <= 4
     best = max(r["val_acc"] for r in rows)
@@ -93,3 +96,13 @@ def test_a_first_model_starts_from_a_local_pretrained_file(tmp_path) -> None:
     start = source["layer1.0.conv1.weight"]
     trained = model.state_dict()["layer1.0.conv1.weight"]
     assert torch.corrcoef(torch.stack([start.flatten(), trained.flatten()]))[0, 1] > 0.9
+
+
+def test_the_first_model_never_sees_the_tasks_its_rounds_are_judged_on() -> None:
+    keys = tuple(range(1000, 1100))
+    train, val, held = first_model_split(keys, 0.2)
+    assert held == split(keys, 0.2)[1]  # exactly what a round's gate holds out
+    assert not set(train) & set(val) and not (set(train) | set(val)) & set(held)
+    assert sorted(train + val + held) == list(range(100)) and len(val) > 5
+    assert first_model_split(keys, 0.2) == (train, val, held)  # stable
+    assert first_model_split(keys[:1], 0.2) == ([0], [], [])  # too few: train on it

@@ -75,7 +75,7 @@ def test_a_new_project_trains_its_first_model_from_class_labels(
     assert (record["status"], record["version"]) == ("published", "p7-v1")
     assert sorted(record["skipped_images"].values()) == [1, 1]
     first = record["first_model"]
-    assert first["trained_on"] + first["validated_on"] == 12
+    assert first["trained_on"] + first["validated_on"] + first["held_out"] == 12
     assert first["class_counts"] == {"apple": 6, "pear": 6}
     own = ModelRegistry(settings.model_dir, "7")
     _, meta = load_checkpoint(own.current_checkpoint())
