@@ -10,7 +10,7 @@ LOCK_VENV := .venv-lock
 PIP_TOOLS := pip-tools==7.6.2
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test unit lint bench e2e clean lock docker-test
+.PHONY: run test unit lint bench e2e clean lock docker-test results
 
 # Tests, lint and bench tools come from the dev lock; the image installs requirements.lock only.
 $(VENV)/.installed: requirements-dev.lock pyproject.toml
@@ -70,6 +70,22 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/loop.py
 	$(BIN)/python bench/limits.py
 	$(BIN)/python bench/first_model.py
+
+# Everything in docs/results/, regenerated with the commands each report names (offline, CPU;
+# hours on two cores: see docs/results/README.md). Checkpoints and datasets go to runs/.
+results: $(VENV)/.installed
+	$(BIN)/python -m model reproduce --data decoy-digits --out docs/results/decoy-digits \
+		--checkpoint-dir runs/decoy-digits --gamma 3 --control
+	$(BIN)/abn sweep --data decoy-digits --out docs/results/gamma.md --gammas 0,0.3,1,3,10 \
+		--budgets all --selections misclassified \
+		--extra confidence:52:3,confidence:400:3,misclassified:10:3
+	$(BIN)/python -m model round-study --data decoy-digits --out docs/results/round-study \
+		--work-dir runs/round-study --strategies random,least-confident,misclassified,map-entropy \
+		--rounds 6 --size 20 --seeds 0,1 --epochs 6 --finetune-epochs 5 --image-size 64 --device cpu
+	$(BIN)/python -m model reproduce --data texture-shapes \
+		--out docs/results/objectives/texture-shapes --objective counterfactual \
+		--objective dont-look --objective counterfactual-layer3 --seeds 0,1,2 --epochs 4 \
+		--finetune-epochs 4 --image-size 64
 
 # Builds the image and runs backend, worker and Redis from it (podman and buildah, as root):
 # a prediction, a correction and a training to a new version, then removes everything.
