@@ -11,7 +11,9 @@ import os
 
 os.environ.setdefault(
     "TORCHINDUCTOR_CACHE_DIR",
-    os.path.abspath(os.path.join(os.environ.get("MODEL_DIR", "runs/model_dir"), "cache", "torch")),
+    os.path.abspath(
+        os.path.join(os.environ.get("MODEL_DIR") or "runs/model_dir", "cache", "torch")
+    ),
 )
 
 import model  # noqa: F401

@@ -202,6 +202,7 @@ def train_project_first_model(
         "status": "published",
         "version": published["version"],
         "first_model": {k: v for k, v in report.to_dict().items() if k != "history"},
+        "new_task_ids": [a.task_id for a in kept],
         "skipped_images": skipped,
         "finished_at": time.time(),
     }
@@ -403,22 +404,30 @@ def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
 
     queue.heartbeat(project)
     threading.Thread(target=beat, name="job-heartbeat", daemon=True).start()
+    # The record is written, and the verdict shown, before the project is released: a run
+    # queued meanwhile starts on release, and its record must not be overwritten by this one.
     try:
-        record = train_project(project, settings, reason)
-    except Exception as exc:
-        record = {
-            "project": project,
-            "status": "failed",
-            "reasons": [f"{type(exc).__name__}: {exc}"],
-            "finished_at": time.time(),
-        }
-        write_last_result(settings, project, record)
-        post_verdict(settings, project, record)
-        raise
+        try:
+            record = train_project(project, settings, reason)
+        except Exception as exc:
+            record = {
+                "project": project,
+                "status": "failed",
+                "reasons": [f"{type(exc).__name__}: {exc}"],
+                "finished_at": time.time(),
+            }
+            publish_outcome(settings, project, record)
+            raise
+        publish_outcome(settings, project, record)
     finally:
         beating.set()
         queue.release(project)
-    write_last_result(settings, project, record)  # durable before Label Studio is called
-    record["verdict_tab"] = post_verdict(settings, project, record)  # None: not shown there
-    write_last_result(settings, project, record)
     return record
+
+
+def publish_outcome(settings: Settings, project: str, record: dict[str, Any]) -> None:
+    """The job record, durable before Label Studio is called, then with the verdict tab's id
+    (None: not shown there)."""
+    write_last_result(settings, project, record)
+    record["verdict_tab"] = post_verdict(settings, project, record)
+    write_last_result(settings, project, record)

@@ -25,7 +25,8 @@ from model.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
 
-TITLE_LIMIT = 240  # characters: a tab title, not a report; the full reasons are in /status
+TITLE_LIMIT = 300  # characters: a tab title, not a report; the full reasons are in /status
+TAB_TASKS = 200  # the most tasks a verdict tab lists (one filter item each)
 
 
 @dataclass(frozen=True)
@@ -67,10 +68,14 @@ def verdict_of(record: dict[str, Any]) -> Verdict | None:
     elif status == "rejected":
         reasons = "; ".join(record.get("reasons") or ())
         title = f"ABN: round refused, {record.get('parent_version')} still serves: {reasons}"
-    elif status == "failed":
-        title = "ABN: training failed: " + "; ".join(record.get("reasons") or ())
+    elif status == "failed":  # the exception's kind only: its text may hold paths or URLs
+        kinds = [reason.split(":", 1)[0] for reason in record.get("reasons") or ()]
+        title = f"ABN: training failed ({', '.join(kinds)}); the reason is in /status"
     else:
         return None
+    if len(tasks) > TAB_TASKS:  # one filter item a task: keep Label Studio's query small
+        title += f" [the tab holds the first {TAB_TASKS} of its {len(tasks)} new tasks]"
+        tasks = tasks[:TAB_TASKS]
     if len(title) > TITLE_LIMIT:
         title = title[: TITLE_LIMIT - 3] + "..."
     return Verdict(title=title, task_ids=tasks)

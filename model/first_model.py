@@ -130,7 +130,8 @@ def first_model_split(
     if set(usable) == set(held):
         return list(range(len(keys))), [], []
     val = [i for i in usable if is_held_out(keys[i], fraction, salt="first-model validation")]
-    train = [i for i in usable if i not in set(val)]
+    chosen = set(val)
+    train = [i for i in usable if i not in chosen]
     if not val or not train:
         return usable, [], held
     return train, val, held

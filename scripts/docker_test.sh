@@ -61,15 +61,17 @@ cleanup() {
     wait 2>/dev/null || true
     for c in "${containers[@]}"; do buildah rm "$c" >/dev/null || true; done
     rm -rf "$work"
-    if [ "${KEEP_IMAGE:-0}" != 1 ]; then
-        # The image this run built, and the base image if docker_build.sh made it now.
-        podman image exists "$TAG" && podman rmi "$TAG" >/dev/null
+    if [ "${KEEP_IMAGE:-0}" != 1 ] && [ "$built" = 1 ]; then
+        # The image this run built (not one SKIP_BUILD reused), and the base image if
+        # docker_build.sh made it now.
+        { podman image exists "$TAG" && podman rmi "$TAG" >/dev/null; } || true
         [ "$base_existed" = 1 ] || ! podman image exists "$BASE_IMAGE" \
             || podman rmi "$BASE_IMAGE" >/dev/null
     fi
     say "$([ "$rc" = 0 ] && echo PASSED || echo "FAILED ($rc)") in $(($(date +%s) - began)) s"
     exit "$rc"
 }
+built=0
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -80,6 +82,7 @@ if [ "${SKIP_BUILD:-0}" = 1 ] && podman image exists "$TAG"; then
     say "SKIP_BUILD=1: testing the existing $TAG"
 else
     say "building $TAG (scripts/docker_build.sh)"
+    built=1
     build_began=$(date +%s)
     scripts/docker_build.sh "$TAG" >"$work/build.log" 2>&1 || { tail -n 40 "$work/build.log"; fail "build"; }
     say "built in $(($(date +%s) - build_began)) s"

@@ -11,7 +11,7 @@ import pytest
 from processes import free_port
 
 from backend.settings import Settings
-from backend.verdict import TITLE_LIMIT, post_verdict, verdict_of
+from backend.verdict import TAB_TASKS, TITLE_LIMIT, post_verdict, verdict_of
 
 GATE = {
     "before": {"accuracy": 0.2, "count": 10},
@@ -46,11 +46,19 @@ def test_the_verdict_says_the_outcome_and_its_numbers() -> None:
         {"status": "published", "version": "p3-v1", "first_model": {"validation_accuracy": 0.5}}
     )
     assert first is not None and first.title == ("ABN: first model p3-v1, validation accuracy 0.50")
-    failed = verdict_of({"status": "failed", "reasons": ["OSError: disk full"]})
-    assert failed is not None and failed.title == "ABN: training failed: OSError: disk full"
+    failed = verdict_of(
+        {"status": "failed", "reasons": ["OSError: /srv/x?token=secret: no space left"]}
+    )
+    # Every Label Studio user sees the tab: the exception's kind only, never its text.
+    assert failed is not None
+    assert failed.title == "ABN: training failed (OSError); the reason is in /status"
     assert verdict_of({"status": "skipped", "reasons": ["nothing new"]}) is None
     long = verdict_of({"status": "rejected", "parent_version": "v1", "reasons": ["x" * 1000]})
     assert long is not None and len(long.title) == TITLE_LIMIT and long.title.endswith("...")
+    many = verdict_of({"status": "rejected", "parent_version": "v1", "reasons": ["no gain"],
+                       "new_task_ids": list(range(5000))})  # fmt: skip
+    assert many is not None and many.task_ids == tuple(range(TAB_TASKS))
+    assert many.title.endswith(f"[the tab holds the first {TAB_TASKS} of its 5000 new tasks]")
 
 
 def test_a_label_studio_that_cannot_be_reached_loses_nothing(

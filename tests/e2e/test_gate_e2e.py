@@ -100,7 +100,8 @@ def train_and_wait(ls: LabelStudioServer, backend: Loop, ml_id: int, pid: int) -
         if not record_path.exists() or record_path.stat().st_mtime_ns == before:
             return None
         record = json.loads(record_path.read_text())
-        return record if "verdict_tab" in record else None  # written once Label Studio was told
+        done = "verdict_tab" in record or record.get("status") == "failed"
+        return record if done else None  # written again once Label Studio was told
 
     ls.train(ml_id)
     return wait_for(finished, TRAINING_WAIT, "the training job: " + backend.log("worker"))
