@@ -23,6 +23,12 @@ from urllib.parse import parse_qs, urlsplit
 # Before torch loads OpenMP: spinning idle OpenMP workers make torch ops tens of times slower
 # on a busy two-core machine (see bench/predict.py); passive waiting keeps the suite fast.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Importing torchvision makes torch's compile cache, under /tmp by default; the suite leaves
+# nothing there (the product moves it the same way: backend/__init__.py).
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(__file__).resolve().parent.parent / "runs" / "cache" / "torch"),
+)
 
 import numpy as np
 import pytest
