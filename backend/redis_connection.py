@@ -133,7 +133,11 @@ class EmbeddedRedis:
         return self.directory / "redis.log"
 
     def __enter__(self) -> EmbeddedRedis:
-        self.start_server()
+        try:
+            self.start_server()
+        except BaseException:
+            self.stop()  # a first start that fails leaves no folder behind either
+            raise
         return self
 
     def start_server(self) -> None:

@@ -29,6 +29,15 @@ def test_the_embedded_redis_leaves_no_files(tmp_path: Path, monkeypatch) -> None
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_embedded_redis_that_cannot_start_leaves_no_files(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.setattr(redis_connection, "redis_server_binary", lambda: "/bin/false")
+    with pytest.raises(RuntimeError, match="exited with 1 at start"), EmbeddedRedis():
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
 def _wait_until(check, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
