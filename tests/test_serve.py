@@ -140,6 +140,31 @@ def test_exposure_rules() -> None:
         Settings.from_env({"ABN_ALLOW_UNAUTHENTICATED": "maybe"})
 
 
+def run_environment(model_dir: Path, scratch: Path) -> dict[str, str]:
+    """What a newcomer's `abn run` sees: this MODEL_DIR and TMPDIR, no Redis, no auth, and
+    the product's own defaults rather than the suite's (torch's cache)."""
+    environment = {**os.environ, "MODEL_DIR": str(model_dir), "TMPDIR": str(scratch)}
+    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS",
+                 "TORCHINDUCTOR_CACHE_DIR"):  # fmt: skip
+        environment.pop(name, None)
+    return environment
+
+
+def start_run(environment: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`abn run` on a free port, its output to `log`; the process and its URL."""
+    port = free_port()
+    with log.open("ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "backend", "run", "--port", str(port)],
+            cwd=ROOT,
+            env=environment,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def test_run_says_ready_restarts_a_dead_redis_and_leaves_nothing(tmp_path: Path) -> None:
     """A newcomer's `abn run`: no model trained, READY once it answers; an embedded Redis that
     dies is restarted at the same socket (and /health is UP again), and while it is down
@@ -147,21 +172,8 @@ def test_run_says_ready_restarts_a_dead_redis_and_leaves_nothing(tmp_path: Path)
     scratch = tmp_path / "tmp"  # the embedded Redis puts its folder here
     scratch.mkdir()
     model_dir = tmp_path / "model_dir"
-    environment = {**os.environ, "MODEL_DIR": str(model_dir), "TMPDIR": str(scratch)}
-    environment.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the product's own default, not ours
-    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
-        environment.pop(name, None)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     log = tmp_path / "run.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "backend", "run", "--port", str(port)],
-        cwd=ROOT,
-        env=environment,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    proc, base = start_run(run_environment(model_dir, scratch), log)
 
     def health() -> dict:
         return requests.get(f"{base}/health", timeout=30).json()
@@ -233,25 +245,10 @@ def test_a_killed_run_takes_its_children_along_and_the_next_start_clears_up(
     removed by the next start (once it is old enough not to be another run's fresh one)."""
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    environment = {**os.environ, "MODEL_DIR": str(tmp_path / "model_dir"), "TMPDIR": str(scratch)}
-    environment.pop("TORCHINDUCTOR_CACHE_DIR", None)  # the product's own default, not ours
-    for name in ("REDIS_URL", "PROMETHEUS_MULTIPROC_DIR", "BASIC_AUTH_USER", "BASIC_AUTH_PASS"):
-        environment.pop(name, None)
-
-    def start(log: Path) -> tuple[subprocess.Popen, str]:
-        port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "backend", "run", "--port", str(port)],
-            cwd=ROOT,
-            env=environment,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return proc, f"http://127.0.0.1:{port}"
+    environment = run_environment(tmp_path / "model_dir", scratch)
 
     first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
-    first, base = start(first_log)
+    first, base = start_run(environment, first_log)
     second = None
     everything: list[psutil.Process] = []
     try:
@@ -277,7 +274,7 @@ def test_a_killed_run_takes_its_children_along_and_the_next_start_clears_up(
         assert left.is_dir()  # nobody could remove it: the next start does
         an_hour_ago = time.time() - 3600
         os.utime(left, (an_hour_ago, an_hour_ago))
-        second, base = start(second_log)
+        second, base = start_run(environment, second_log)
         wait_for(lambda: f"READY {base}".encode() in second_log.read_bytes(), START_WAIT, "READY")
         assert not left.exists() and f"removed {left}" in second_log.read_text()
         assert len(list(scratch.glob("abn-redis-*"))) == 1  # the second run's own
