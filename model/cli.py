@@ -325,6 +325,19 @@ def add_round_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=d.gamma)
     p.add_argument("--fraction", type=float, default=d.fraction, help="of TRAIN for validation")
     p.add_argument("--device", default=d.device)
+    p.add_argument(
+        "--counterfactuals",
+        type=int,
+        default=d.counterfactual_copies,
+        help="counterfactual copies of each corrected image per round (0: the paper's objective)",
+    )
+    p.add_argument(
+        "--learning-stages",
+        type=int,
+        choices=range(4),
+        default=d.learning_stages,
+        help="trunk stages that learn in each round (0: the branches only)",
+    )
 
 
 def cmd_round_study(args: argparse.Namespace) -> None:
@@ -342,9 +355,11 @@ def cmd_round_study(args: argparse.Namespace) -> None:
         gamma=args.gamma,
         fraction=args.fraction,
         device=args.device,
+        counterfactual_copies=args.counterfactuals,
+        learning_stages=args.learning_stages,
     )
     data = resolve_data(args.data)
-    result = run_study(data, args.work_dir, settings, shortcut=args.data == DECOY_DIGITS)
+    result = run_study(data, args.work_dir, settings)
     command = "python -m model " + shlex.join(sys.argv[1:])
     report = write_study(result, settings, args.out, command)
     print(f"wrote {report}")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.data import InMemoryMapsDataset
+
 
 def counterfactuals(
     images: torch.Tensor,
@@ -43,3 +45,24 @@ def counterfactuals(
     ).clamp(0.0, 1.0)
     blended = weight * images[source] + (1.0 - weight) * images[donors]
     return blended.to(images.dtype), source
+
+
+def with_counterfactuals(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    maps: torch.Tensor,
+    has_map: torch.Tensor,
+    copies: int,
+    seed: int,
+) -> InMemoryMapsDataset:
+    """The fine-tuning set, plus `copies` counterfactual copies of each mapped example (each
+    with its original's label and map); `copies=0` gives the set unchanged."""
+    extra, source = counterfactuals(
+        images, maps, has_map, copies, torch.Generator().manual_seed(seed)
+    )
+    return InMemoryMapsDataset(
+        torch.cat([images, extra]),
+        torch.cat([labels, labels[source]]),
+        torch.cat([maps, maps[source]]),
+        torch.cat([has_map, has_map[source]]),
+    )

@@ -37,8 +37,7 @@ import torch
 
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta
-from model.counterfactual import counterfactuals
-from model.data import InMemoryMapsDataset
+from model.counterfactual import with_counterfactuals
 from model.metrics import map_mse
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune
 
@@ -343,13 +342,9 @@ def run_round(
         examples.maps[trained],
         with_map[trained],
     )
-    if counterfactual_copies:
-        extra, source = counterfactuals(
-            images, maps, has_map, counterfactual_copies, torch.Generator().manual_seed(config.seed)
-        )
-        images, labels = torch.cat([images, extra]), torch.cat([labels, labels[source]])
-        maps, has_map = torch.cat([maps, maps[source]]), torch.cat([has_map, has_map[source]])
-    dataset = InMemoryMapsDataset(images, labels, maps, has_map)
+    dataset = with_counterfactuals(
+        images, labels, maps, has_map, counterfactual_copies, config.seed
+    )
     tuned, new_meta = finetune(
         model,
         meta,

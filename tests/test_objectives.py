@@ -15,7 +15,7 @@ from model.cli import main
 from model.data import InMemoryMapsDataset, list_samples
 from model.losses import dont_look_loss
 from model.paper.decoy_digits import build_decoy_digits
-from model.paper.objectives import OBJECTIVES, pooled_mcnemar, with_counterfactuals
+from model.paper.objectives import OBJECTIVES, counterfactual_dataset, pooled_mcnemar
 from model.paper.shortcut import conflicting
 from model.paper.texture_shapes import CLASSES, build_texture_shapes
 from model.train import TrainConfig, finetune, freeze_trunk
@@ -83,7 +83,7 @@ def test_finetune_with_each_objective_moves_what_it_should(dont_look: float, sta
 def test_counterfactual_copies_join_the_fine_tuning_set() -> None:
     base = tiny_set(6)
     base.has_map[3:] = False
-    grown = with_counterfactuals(base, copies=2, seed=0)
+    grown = counterfactual_dataset(base, copies=2, seed=0)
     assert len(grown) == 6 + 3 * 2
     assert grown.labels[6:].tolist() == [0, 0, 1, 1, 2, 2]
 

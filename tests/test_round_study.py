@@ -58,14 +58,15 @@ def test_a_tiny_study_writes_its_points_report_and_plots(tmp_path: Path) -> None
     assert report == out / "report.md"
     assert "Command: `python -m model round-study --rounds 1`" in text
     assert "| random | 1 | 2 | 1 |" in text and "| least-confident | 0 | 0 | 1 |" in text
-    assert "Random selection's" in text  # the verdict on the goal, whichever it is
+    assert "On held-out accuracy: random selection's" in text  # the verdict, whichever it is
+    assert "misleads" not in text  # no shortcut: judged on accuracy only
     for name in ("accuracy.png", "map_distance.png"):
         assert f"]({name})" in text
         with Image.open(out / name) as plot:
             assert plot.format == "PNG" and plot.width > 100
     assert not (out / "shortcut_accuracy.png").exists()
     # The first model is kept in the work folder and reused by the next run.
-    [checkpoint] = (tmp_path / "work").glob("abn-32px-1ep-seed0.pt")
+    [checkpoint] = (tmp_path / "work" / "data").glob("abn-32px-1ep-seed0.pt")
     stamp = checkpoint.stat().st_mtime_ns
     again = run_study(data, tmp_path / "work", replace(SETTINGS, strategies=("random",)))
     assert checkpoint.stat().st_mtime_ns == stamp
@@ -83,3 +84,51 @@ def test_an_unknown_strategy_is_refused_before_any_training(tmp_path: Path) -> N
     with pytest.raises(ValueError, match=r"unknown strategies \['best'\]"):
         run_study(tmp_path / "nowhere", tmp_path / "work", bad)
     assert not (tmp_path / "work").exists()
+
+
+def with_cues(data: Path, classes: list[str]) -> Path:
+    """Make `data` a shortcut dataset: its cue names the label on TRAIN, the next class on test."""
+    cues = {}
+    for image in sorted(data.glob("*/*/*.png")):
+        split, label = image.parts[-3], image.parts[-2]
+        if split in ("train", "test"):
+            shift = 1 if split == "test" else 0
+            cues[f"{split}/{label}/{image.name}"] = classes[(classes.index(label) + shift) % 2]
+    (data / "cues.json").write_text(json.dumps(cues))
+    return data
+
+
+def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_reaches_rounds(
+    tmp_path: Path,
+) -> None:
+    human = np.zeros((32, 32), dtype=np.uint8)
+    human[8:24, 8:24] = 255
+    data = with_cues(
+        make_image_dataset(tmp_path / "data", ["a", "b"], human, per_class=4), ["a", "b"]
+    )
+    settings = replace(SETTINGS, strategies=("random",), rounds=2)
+    # Validation is carved from TRAIN, where every cue names the label: nothing misleads there.
+    paper = run_study(data, tmp_path / "work", settings)
+    assert all(p.shortcut_accuracy is None for p in paper.points)
+    # Cues that name another class on TRAIN reach the validation split carved from it.
+    cues = json.loads((data / "cues.json").read_text())
+    for key in cues:
+        if key.startswith("train/"):
+            cues[key] = "b" if cues[key] == "a" else "a"
+    (data / "cues.json").write_text(json.dumps(cues))
+    paper = run_study(data, tmp_path / "work", settings)
+    misled = paper.facts["shortcut_images_seed0"]
+    assert misled >= 1
+    assert all(p.shortcut_accuracy is not None for p in paper.points)
+    assert all(p.shortcut_accuracy * misled == pytest.approx(round(p.shortcut_accuracy * misled))
+               for p in paper.points)  # fmt: skip
+    # The round's objective: counterfactual copies, layer3 learning. Same seed, other maps.
+    objective = replace(settings, counterfactual_copies=2, learning_stages=1)
+    other = run_study(data, tmp_path / "work", objective)
+    assert other.points[0].map_mse == pytest.approx(paper.points[0].map_mse)  # one first model
+    assert [p.map_mse for p in other.points[1:]] != pytest.approx(
+        [p.map_mse for p in paper.points[1:]]
+    )
+    text = write_study(other, objective, tmp_path / "report", "round-study").read_text()
+    assert "On accuracy where the shortcut misleads:" in text
+    assert "counterfactual_copies=2, learning_stages=1" in text

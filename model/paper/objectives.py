@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta
-from model.counterfactual import counterfactuals
+from model.counterfactual import with_counterfactuals
 from model.data import AttentionDataset, InMemoryMapsDataset
 from model.metrics import map_mse
 from model.paper.reproduce import finetune_dataset, select_samples
@@ -132,20 +132,14 @@ def score(
     return Scores(np.concatenate(right), conflicting(dataset.samples, meta.classes), mse)
 
 
-def with_counterfactuals(dataset: AttentionDataset, copies: int, seed: int) -> InMemoryMapsDataset:
+def counterfactual_dataset(
+    dataset: AttentionDataset | InMemoryMapsDataset, copies: int, seed: int
+) -> InMemoryMapsDataset:
     """The fine-tuning set as tensors, plus counterfactual copies of its mapped images."""
     images, labels, maps, has_map = (
         torch.cat(parts) for parts in zip(*DataLoader(dataset, batch_size=256), strict=True)
     )
-    extra, source = counterfactuals(
-        images, maps, has_map, copies, torch.Generator().manual_seed(seed)
-    )
-    return InMemoryMapsDataset(
-        torch.cat([images, extra]),
-        torch.cat([labels, labels[source]]),
-        torch.cat([maps, maps[source]]),
-        torch.cat([has_map, has_map[source]]),
-    )
+    return with_counterfactuals(images, labels, maps, has_map, copies, seed)
 
 
 def run_seed(
@@ -185,7 +179,7 @@ def run_seed(
         started = time.perf_counter()
         dataset = finetune_dataset(carved, meta, picked)
         if objective.counterfactual_copies:
-            dataset = with_counterfactuals(dataset, objective.counterfactual_copies, config.seed)
+            dataset = counterfactual_dataset(dataset, objective.counterfactual_copies, config.seed)
         tuned, _ = finetune(
             copy.deepcopy(abn),
             meta,
