@@ -35,7 +35,7 @@ from backend.store import LoopStore
 from model.checkpoint import atomic_write
 from model.errors import UserError
 from model.round_report import ProjectRound, write_project_report
-from model.selection import Candidate, select
+from model.selection import Candidate, CorrectedMap, select
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,15 @@ def candidates(
     return out, {reason: n for reason, n in left_out.items() if n}
 
 
+def corrected_maps(store: LoopStore, project: str) -> list[CorrectedMap]:
+    """The maps annotators left on the project's corrected tasks, with their class."""
+    return [
+        CorrectedMap(c.label, c.target)
+        for c in store.corrections(project)
+        if c.edited and c.label is not None and c.target is not None
+    ]
+
+
 def brush_map(results: list[Any], targets: Targets) -> Any:
     """The predicted attention brush as an alpha array, or None."""
     for r in results:
@@ -211,16 +220,15 @@ def make_round(
         corrected = {
             c.task_id for c in store.corrections(key) if c.edited and c.model_version == version
         }
-        pool, left_out = candidates(
-            api.tasks(project), targets, version, corrected, with_maps=strategy == "map-entropy"
-        )
+        with_maps = strategy in ("map-entropy", "map-disagreement")
+        pool, left_out = candidates(api.tasks(project), targets, version, corrected, with_maps)
         if not pool:
             raise RoundError(
                 f"project {project}: no task to offer for {version} "
                 f"({', '.join(f'{n} {r}' for r, n in left_out.items()) or 'no tasks'}); "
                 "retrieve predictions first"
             )
-        chosen = select(pool, strategy, size, seed)
+        chosen = select(pool, strategy, size, seed, corrected=corrected_maps(store, key))
         if len(chosen) < size:
             log.warning(
                 "project %s: only %d task(s) left for a round of %d", project, len(chosen), size

@@ -48,7 +48,7 @@ from model.round_report import (
     summarise,
     write_report,
 )
-from model.selection import STRATEGIES, Candidate, select
+from model.selection import STRATEGIES, Candidate, CorrectedMap, select
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune, train
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,14 @@ def run_strategy(
             )
             for j, task in enumerate(left)
         ]
-        chosen = select(candidates, strategy, settings.size, seed=seed * 1000 + number)
+        done = [
+            CorrectedMap(meta.classes[int(pool.labels[i])], pool.maps[i, 0].numpy())
+            for i in corrected
+            if pool.has_map[i]
+        ]
+        chosen = select(
+            candidates, strategy, settings.size, seed=seed * 1000 + number, corrected=done
+        )
         corrected += [c.task_id for c in chosen]
         index = torch.tensor(corrected)
         dataset = with_counterfactuals(

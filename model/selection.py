@@ -9,6 +9,9 @@ N. Nothing here knows where the tasks live.
   paper's ImageNet choice), then the rest by confidence;
 - ``map-entropy``: the most spread-out attention maps first (a model that looks everywhere has
   not found what to look at);
+- ``map-disagreement``: the model's maps least like any map annotators left on a corrected task
+  of the class it predicts first (where it looks where people have not said to look), tasks of
+  a class with no corrected map before them, least confident first;
 - ``random``: the baseline every other strategy must beat, seeded.
 """
 
@@ -19,10 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from model.errors import UserError
 
-STRATEGIES = ("least-confident", "misclassified", "map-entropy", "random")
+STRATEGIES = ("least-confident", "misclassified", "map-entropy", "map-disagreement", "random")
+COMPARED_SIZE = 16
+"""Maps of any size are compared on a COMPARED_SIZE square grid: coarse enough that a brush at
+full image size and a target at the map's size meet, fine enough to tell where a map looks."""
 
 
 class SelectionError(UserError, ValueError):
@@ -37,7 +44,31 @@ class Candidate:
     score: float  # the model's top-1 probability
     predicted: str | None  # the model's class
     labelled: str | None = None  # the annotators' class, if any
-    attention: np.ndarray | None = None  # the model's map (any size), for map-entropy
+    attention: np.ndarray | None = None  # the model's map (any size), for the map strategies
+
+
+@dataclass(frozen=True)
+class CorrectedMap:
+    """A task annotators corrected: its class and the map they left (any size, in [0, 1])."""
+
+    labelled: str
+    attention: np.ndarray
+
+
+def compared(attention: np.ndarray) -> np.ndarray:
+    """`attention` resampled to the grid on which maps of different sizes are compared."""
+    values = np.asarray(attention, dtype=np.float32)
+    grid = Image.fromarray(values).resize((COMPARED_SIZE, COMPARED_SIZE), Image.BILINEAR)
+    return np.asarray(grid, dtype=np.float32)
+
+
+def map_disagreement(attention: np.ndarray, corrected: Sequence[np.ndarray]) -> float:
+    """The mean squared distance from `attention` to the nearest of the `corrected` maps
+    (already :func:`compared`); infinite with none, as nothing is known of such maps."""
+    if not corrected:
+        return float("inf")
+    mine = compared(attention)
+    return float(min(np.mean((mine - other) ** 2) for other in corrected))
 
 
 def map_entropy(attention: np.ndarray) -> float:
@@ -52,9 +83,14 @@ def map_entropy(attention: np.ndarray) -> float:
 
 
 def select(
-    candidates: Sequence[Candidate], strategy: str, size: int, seed: int = 0
+    candidates: Sequence[Candidate],
+    strategy: str,
+    size: int,
+    seed: int = 0,
+    corrected: Sequence[CorrectedMap] = (),
 ) -> list[Candidate]:
-    """The first `size` candidates by `strategy`, in the order to label them."""
+    """The first `size` candidates by `strategy`, in the order to label them; `corrected`: the
+    maps annotators left on corrected tasks (what ``map-disagreement`` compares with)."""
     if strategy not in STRATEGIES:
         raise SelectionError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
     if size < 1:
@@ -70,6 +106,18 @@ def select(
         if not with_map:
             raise SelectionError("map-entropy needs the model's maps of the candidate tasks")
         ranked = sorted(with_map, key=lambda c: (-map_entropy(c.attention), c.task_id))
+    elif strategy == "map-disagreement":
+        with_map = [c for c in candidates if c.attention is not None]
+        if not with_map:
+            raise SelectionError("map-disagreement needs the model's maps of the candidate tasks")
+        by_class: dict[str, list[np.ndarray]] = {}
+        for done in corrected:
+            by_class.setdefault(done.labelled, []).append(compared(done.attention))
+        far = {
+            c.task_id: map_disagreement(c.attention, by_class.get(c.predicted or "", []))
+            for c in with_map
+        }
+        ranked = sorted(with_map, key=lambda c: (-far[c.task_id], c.score, c.task_id))
     else:
         ranked = sorted(candidates, key=lambda c: c.task_id)
         random.Random(seed).shuffle(ranked)

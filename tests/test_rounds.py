@@ -17,6 +17,7 @@ from conftest import CLASSES, TOKEN, FakeLabelStudio
 from PIL import Image
 
 from backend.brush import encode_rle
+from backend.corrections import Correction
 from backend.label_config import default_targets, label_config_for
 from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
 from backend.registry import Lineage, ModelRegistry, answering, choose_answering
@@ -31,6 +32,7 @@ from backend.rounds import (
     write_round_report,
 )
 from backend.settings import Settings
+from backend.store import LoopStore
 from model import build_abn
 from model.checkpoint import make_meta
 
@@ -278,3 +280,40 @@ def test_no_rounds_no_refresh_and_no_report(tmp_path: Path) -> None:
     with pytest.raises(RoundError, match="project 4 has no rounds yet"):
         write_round_report([], tmp_path / "out", 4)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_map_disagreement_round_offers_the_map_unlike_the_corrected_ones(
+    tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
+) -> None:
+    settings, api = project_four(tmp_path, fake_ls, tiny_checkpoint)
+    fake_ls.accept_views = True
+    top, bottom = np.zeros((4, 4), dtype=np.uint8), np.zeros((4, 4), dtype=np.uint8)
+    top[:2], bottom[2:] = 255, 255
+
+    def predicted(tid: int, alpha: np.ndarray) -> dict[str, Any]:
+        shown = task(tid, "v1", 0.5, "cat")
+        mask = {**brush("prediction"), "value": {"format": "rle", "rle": encode_rle(alpha),
+                                                 "brushlabels": [TARGETS.label]}}  # fmt: skip
+        shown["predictions"][0]["result"].append(mask)
+        return shown
+
+    tasks = [predicted(1, top), predicted(2, bottom), predicted(3, top)]
+    fake_ls.add("/api/tasks/", json.dumps({"tasks": tasks}).encode())
+    fake_ls.add("/api/tasks/?project=4&view=1&page_size=1000", b'{"tasks": [{"id": 2}]}')
+    # An annotator said, on an earlier task, that a cat is looked at in the top half.
+    LoopStore(settings.layout.corrections_db).put(
+        Correction(
+            "4",
+            90,
+            9,
+            "/data/upload/4/9.png",
+            "cat",
+            top.astype(np.float32) / 255,
+            edited=True,
+            model_version="v1",
+        )
+    )
+    record = make_round(api, 4, "map-disagreement", 1, settings)
+    [view] = fake_ls.views
+    assert [f["value"] for f in view["data"]["filters"]["items"]] == [2]
+    assert record.tasks == [2] and record.strategy == "map-disagreement"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from model.selection import Candidate, SelectionError, map_entropy, select
+from model.selection import (
+    Candidate,
+    CorrectedMap,
+    SelectionError,
+    compared,
+    map_disagreement,
+    map_entropy,
+    select,
+)
 
 POOL = [
     Candidate(1, 0.9, "cat", labelled="cat"),
@@ -52,3 +60,25 @@ def test_bad_requests_are_refused() -> None:
         select(POOL, "best", 3)
     with pytest.raises(SelectionError, match="at least 1"):
         select(POOL, "random", 0)
+
+
+def test_map_disagreement_puts_maps_unlike_any_corrected_one_of_their_class_first() -> None:
+    left, right = np.zeros((8, 8)), np.zeros((8, 8))
+    left[:, :4], right[:, 4:] = 1.0, 1.0
+    # Annotators said: a cat is looked at on the left. Corrected maps come at the target's size,
+    # the model's at the image's: they are compared on one grid.
+    corrected = [CorrectedMap("cat", np.kron(left, np.ones((2, 2))))]
+    pool = [
+        Candidate(1, 0.9, "cat", attention=left),  # looks where people said: last
+        Candidate(2, 0.9, "cat", attention=right),  # looks elsewhere: first
+        Candidate(3, 0.8, "dog", attention=left),  # no dog corrected yet: nothing known, first
+        Candidate(4, 0.3, "dog", attention=right),  # ... and the least confident of those
+        Candidate(5, 0.1, "cat"),  # no map: not a candidate for a map strategy
+    ]
+    assert ids(select(pool, "map-disagreement", 5, corrected=corrected)) == [4, 3, 2, 1]
+    # With nothing corrected yet, every class is unknown: the least confident first.
+    assert ids(select(pool, "map-disagreement", 2)) == [4, 3]
+    assert map_disagreement(left, [compared(left)]) == pytest.approx(0.0, abs=1e-6)
+    assert map_disagreement(right, [compared(left)]) > 0.3
+    with pytest.raises(SelectionError, match="needs the model's maps"):
+        select([Candidate(5, 0.1, "cat")], "map-disagreement", 1, corrected=corrected)
