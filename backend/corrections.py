@@ -132,14 +132,22 @@ def chosen_class(results: list[dict[str, Any]], targets: Targets) -> str | None:
 
 def latest_annotation(task: dict[str, Any]) -> dict[str, Any] | None:
     """The task's most recently updated annotation that was not cancelled (skipped)."""
-    annotations = [
-        a
-        for a in task.get("annotations") or []
-        if isinstance(a, dict) and not a.get("was_cancelled") and isinstance(a.get("result"), list)
-    ]
-    if not annotations:
+    annotations = task.get("annotations") or []
+    return most_recent(
+        [a for a in annotations if isinstance(a, dict) and not a.get("was_cancelled")]
+    )
+
+
+def most_recent(records: list[Any]) -> dict[str, Any] | None:
+    """The most recently saved of `records` (annotations, drafts) that holds a result list:
+    by ``updated_at`` (else ``created_at``), then by id, the later one."""
+    usable = [r for r in records if isinstance(r, dict) and isinstance(r.get("result"), list)]
+    if not usable:
         return None
-    return max(annotations, key=lambda a: (str(a.get("updated_at") or ""), a.get("id") or 0))
+    return max(
+        usable,
+        key=lambda r: (str(r.get("updated_at") or r.get("created_at") or ""), r.get("id") or 0),
+    )
 
 
 def correction_from_annotation(

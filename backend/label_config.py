@@ -9,7 +9,11 @@ What a project needs (``label_config/README.md`` for project managers):
   with no model yet: the classes its first model will learn, in this order), plus, optionally,
   a "none of these" choice (``ABN_OTHER_CHOICES``, default ``Other``) that teaches no class;
 - optionally a ``<TextArea>`` over that image (``top3`` in the generated config): the
-  backend writes the top-3 classes with their probabilities into it, one line each.
+  backend writes the top-3 classes with their probabilities into it, one line each;
+- optionally a smart ``<KeyPointLabels>`` over that image with a label ``Check my map``
+  (``check`` in the generated config): with the backend connected as interactive, a point of
+  it asks for the top-3 with the annotator's drafted brush (``backend/map_check.py``), which
+  the backend answers in the ``<TextArea>``, so a config with it needs that too.
 
 Other tags may sit beside these. Names are free: the backend reads them from the config, so
 predictions follow whatever the project calls its controls.
@@ -27,6 +31,8 @@ from label_studio_sdk.label_interface import LabelInterface
 from model.errors import UserError
 
 ATTENTION_LABEL = "Attention"
+CHECK_LABEL = "Check my map"
+CHECK_COLOR = "#2d7dff"
 MAX_CONFIG_CHARS = 1_000_000  # real configs are a few KB; parsed configs are cached
 ATTENTION_COLOR = "#ff2d55"
 
@@ -45,6 +51,7 @@ class Targets:
     label: str  # the brush label value, "Attention" (or its alias)
     choices: str  # name of the <Choices> control
     top3: str | None  # name of the <TextArea> for the top-3, if the config has one
+    check: str | None = None  # name of the <KeyPointLabels> of "check my map", if any
 
 
 ATTENTION_HOTKEY = "a"
@@ -54,6 +61,11 @@ CLASS_HOTKEYS = tuple("123456789") + tuple("qtsdfgzxcyijln")
 """The classes' hotkeys, in config order: digits first, then letters that no editor tool (brush
 B, eraser E, pan H, move V, unselect U, the other tools' K M O P R W) nor the brush label (A)
 uses. Classes past these get none in the config; Label Studio then gives them its leftovers."""
+
+CHECK_HOTKEY = "shift+c"
+"""The check label's hotkey. Every letter is taken (the classes', the tools', the brush
+label's) and so are the digits (``0`` is the README's "Other"); Label Studio 1.23.2's editor
+binds no shift+letter but ``shift+r``, and a plain letter's binding does not fire with shift."""
 
 
 def class_hotkeys(classes: list[str]) -> list[str | None]:
@@ -68,12 +80,15 @@ def label_config_for(
     brush: str = "attention",
     choices: str = "class",
     top3: str = "top3",
+    check: str | None = "check",
 ) -> str:
     """The config a project manager pastes into Label Studio for a model with `classes`.
 
     Hotkeys are explicit: left to Label Studio, the brush label takes 1 and every class shifts
     by one. The top-3 box takes no input (``maxSubmissions="0"``: the 1.23 editor then shows
-    only the lines the backend wrote, without an empty box to type in).
+    only the lines the backend wrote, without an empty box to type in). The check control
+    (`check`; None leaves it out) is smart only: the editor shows its tool only with
+    Auto-Annotation on, which an interactive backend connection offers.
     """
     if not classes:
         raise ValueError("a label config needs at least one class")
@@ -99,7 +114,20 @@ def label_config_for(
         '  <Header value="Model: top-3 classes"/>\n'
         f'  <TextArea name={quoteattr(top3)} toName={quoteattr(image)} editable="false" '
         'maxSubmissions="0" rows="3"/>\n'
-        "</View>\n"
+        + (check_control(check, image) if check else "")
+        + "</View>\n"
+    )
+
+
+def check_control(name: str, image: str = "image") -> str:
+    """The "check my map" tags of :func:`label_config_for`: a smart-only key point."""
+    return (
+        f'  <Header value="Check my map (Auto-Annotation on, regions hidden: click the image)"/>\n'
+        f"  <KeyPointLabels name={quoteattr(name)} toName={quoteattr(image)} "
+        'smart="true" smartOnly="true">\n'
+        f"    <Label value={quoteattr(CHECK_LABEL)} background={quoteattr(CHECK_COLOR)} "
+        f"hotkey={quoteattr(CHECK_HOTKEY)}/>\n"
+        "  </KeyPointLabels>\n"
     )
 
 
@@ -132,6 +160,7 @@ class _Parts:
     brush: Any
     choices: list[Any]  # the <Choices> over the image, in config order
     top3: str | None
+    check: str | None
 
 
 def _parts(config: str) -> _Parts:
@@ -175,7 +204,28 @@ def _parts(config: str) -> _Parts:
         (c.name for c in controls if c.tag.lower() == "textarea" and image.name in c.to_name),
         None,
     )
-    return _Parts(image, brush, choices, top3)
+    check = _check_control(controls, image.name)
+    if check is not None and top3 is None:
+        raise LabelConfigError(
+            f'<KeyPointLabels name="{check}"> checks the map, and its answer is shown in a '
+            f'<TextArea> over the image: add <TextArea name="top3" toName="{image.name}" '
+            'editable="false" maxSubmissions="0"/>'
+        )
+    return _Parts(image, brush, choices, top3, check)
+
+
+def _check_control(controls: list[Any], image: str) -> str | None:
+    """The name of the first <KeyPointLabels> over `image` with the label "Check my map"."""
+    return next(
+        (
+            c.name
+            for c in controls
+            if c.tag.lower() == "keypointlabels"
+            and image in c.to_name
+            and CHECK_LABEL in _label_names(c)
+        ),
+        None,
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -225,6 +275,7 @@ def targets_for(config: str, classes: tuple[str, ...], other: tuple[str, ...] = 
         label=ATTENTION_LABEL,
         choices=best.name,
         top3=parts.top3,
+        check=parts.check,
     )
 
 

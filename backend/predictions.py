@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,9 @@ from backend.label_config import Targets
 from backend.prometheus import Metrics
 from backend.schemas import json_type
 from backend.serving import Prediction, ServedModel, Snapshot
+
+if TYPE_CHECKING:
+    from model.edited_map import EditedPrediction
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +129,24 @@ def attention_alpha(
     return alpha
 
 
-def top3_lines(prediction: Prediction) -> list[str]:
+def top3_lines(prediction: Prediction | EditedPrediction) -> list[str]:
     """The top-3 as the annotator reads them: ``1. cat  81.2%``."""
     return [f"{rank}. {name}  {100 * p:.1f}%" for rank, (name, p) in enumerate(prediction.top, 1)]
+
+
+def top3_result(lines: list[str], targets: Targets, score: float) -> dict[str, Any]:
+    """The read-only ``textarea`` result that shows `lines` in the config's top-3 box."""
+    return {
+        "id": _region_id(),
+        "from_name": targets.top3,
+        "to_name": targets.image,
+        "type": "textarea",
+        "value": {"text": lines},
+        "score": score,
+        # The editor honours a result's own readonly flag: the lines show, greyed, and
+        # cannot be edited or deleted (the TextArea's input is disabled).
+        "readonly": True,
+    }
 
 
 def to_label_studio(
@@ -173,19 +191,7 @@ def to_label_studio(
         },
     ]
     if targets.top3:
-        result.append(
-            {
-                "id": _region_id(),
-                "from_name": targets.top3,
-                "to_name": targets.image,
-                "type": "textarea",
-                "value": {"text": lines},
-                "score": score,
-                # The editor honours a result's own readonly flag: the lines show, greyed,
-                # and cannot be edited or deleted (the TextArea's input is disabled).
-                "readonly": True,
-            }
-        )
+        result.append(top3_result(lines, targets, score))
     return {"result": result, "score": score, "model_version": prediction.version}
 
 
@@ -241,11 +247,11 @@ class TaskPredictor:
             chunk = list(enumerate(tasks[start : start + batch], start))
             started = time.perf_counter()
             if len(chunk) == 1:
-                loaded = [self._load_task_image(chunk[0][1], data_key, project, size)]
+                loaded = [self.load_task_image(chunk[0][1], data_key, project, size)]
             else:
                 loaded = list(
                     self._fetch_pool.map(
-                        lambda item: self._load_task_image(item[1], data_key, project, size), chunk
+                        lambda item: self.load_task_image(item[1], data_key, project, size), chunk
                     )
                 )
             ready: list[tuple[int, LoadedImage]] = []
@@ -286,7 +292,7 @@ class TaskPredictor:
             )
         return results
 
-    def _load_task_image(
+    def load_task_image(
         self, task: dict[str, Any], key: str, project: object, size: int
     ) -> LoadedImage | ImageFetchError:
         """The task's image, or the error that says why there is none (never raises).

@@ -110,6 +110,12 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        self.map_checks = Counter(
+            "abn_map_checks",
+            '"Check my map" requests answered, by outcome (checked, no_draft, no_brush, ...)',
+            ["outcome"],
+            registry=r,
+        )
 
     def count_error(self, reason: str) -> None:
         """Count a failed task; unknown reasons become ``other`` (bounded label values)."""

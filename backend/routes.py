@@ -7,7 +7,8 @@
   host and token (for images) and its label config, answers ``{"model_version"}``;
 - ``POST /predict``: one entry per task, in order; tasks go through the project's model in
   batches; a task whose image fails gets an empty entry and the others are still predicted; a
-  project with no model yet gets empty entries and a ``message`` that says why;
+  project with no model yet gets empty entries and a ``message`` that says why; a context
+  holding a point of the config's check control is "check my map" (``backend/map_check.py``);
 - ``POST /webhook``: acknowledges every action; annotation events become stored corrections,
   ``START_TRAINING`` and enough new corrections queue a fine-tuning job (``backend/loop.py``);
 - ``POST /train``: what Label Studio calls when its START_TRAINING webhook is off (the
@@ -27,11 +28,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
+from backend.corrections import CorrectionError
 from backend.label_config import LabelConfigError
 from backend.label_studio import HostRefused
+from backend.map_check import MapCheck, asks_for_check, check_entry, check_task
 from backend.predictions import empty_prediction
 from backend.project_models import ProjectModel
 from backend.registry import RegistryError, all_versions, lineage_of
@@ -44,7 +48,9 @@ from backend.request_io import (
 )
 from backend.schemas import (
     WEBHOOK_EVENTS,
+    CheckBody,
     PredictBody,
+    PredictParams,
     RollbackBody,
     SetupBody,
     TrainBody,
@@ -132,6 +138,9 @@ def predict() -> Response:
     resolved = resolve(project, body.get("label_config"))
     if isinstance(resolved, Response):
         return resolved
+    params = body.get("params")
+    if asks_for_check(PredictParams.model_validate(params) if params else None, resolved.targets):
+        return map_check(body, resolved)
     snap = resolved.snapshot
     if snap is None or resolved.targets is None:
         log.info("/predict: %d task(s) left empty: %s", len(tasks), resolved.reason)
@@ -146,6 +155,42 @@ def predict() -> Response:
     if key and predicted and all(isinstance(t, int) for t in predicted):
         svc.loop.store.record_predictions(key, predicted, snap.version)
     return jsonify(results=results, model_version=snap.version)
+
+
+def map_check(body: dict[str, Any], resolved: ProjectModel) -> Response:
+    """ "Check my map" (``backend/map_check.py``): one task, answered with the top-3 box's lines;
+    a draft whose brush cannot be used is refused as ``/webhook`` refuses it."""
+    svc = services()
+    check_body(CheckBody, body)
+    tasks = body["tasks"]
+    if len(tasks) != 1:
+        raise RequestError(
+            f"a map check is about one task (the one the editor shows), got {len(tasks)}"
+        )
+    [task] = tasks
+    targets, snap = resolved.targets, resolved.snapshot
+    assert targets is not None  # asks_for_check found the check control in them
+    if snap is None:
+        check = MapCheck("no_model", [f"No model to check your map with: {resolved.reason}"])
+    else:
+        try:
+            check = check_task(
+                svc.predictor,
+                task,
+                targets,
+                snap,
+                body.get("project"),
+                svc.settings.brush_max_pixels,
+            )
+        except CorrectionError as exc:
+            svc.metrics.map_checks.labels("refused").inc()
+            log.warning("map check of task %s refused: %s", task["id"], exc)
+            return error_reply(exc.status, f"map check of task {task['id']}: {exc}")
+    svc.metrics.map_checks.labels(check.outcome).inc()
+    log.info("map check of task %s with %s: %s", task["id"], resolved.version, check.lines[0])
+    return jsonify(
+        results=[check_entry(check, targets, resolved.version)], model_version=resolved.version
+    )
 
 
 @protocol.post("/webhook")

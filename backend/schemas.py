@@ -99,13 +99,41 @@ class PredictTask(Body):
     data: dict[str, Any]
 
 
+MAX_CONTEXT_RESULTS = 100
+"""Results an interactive call's context may hold: the editor sends the one region just drawn."""
+
+
+class ContextResult(Body):
+    type: str | None = None
+    from_name: str | None = None
+    to_name: str | None = None
+
+
+class PredictContext(Body):
+    """What the editor sends with an interactive call (``params.context``): the region drawn."""
+
+    result: (
+        Annotated[
+            list[ContextResult],
+            Field(max_length=MAX_CONTEXT_RESULTS),
+            Describe(f"an array of at most {MAX_CONTEXT_RESULTS} objects"),
+        ]
+        | None
+    ) = None
+
+
+class PredictParams(Body):
+    context: PredictContext | None = None
+
+
 class PredictBody(Body):
     tasks: list[PredictTask]
     label_config: str | None = None
     project: ProjectKey | None = None
+    params: PredictParams | None = None
 
 
-# ---------------------------------------------------------------------------- /rollback
+# ---------------------------------------------------------------------------- /train, /rollback
 
 
 class TrainBody(Body):
@@ -193,6 +221,28 @@ class TrainingEvent(WebhookBody):
     project: Project
 
 
+class Draft(Body):
+    """A user's autosaved, unsubmitted annotation, as an interactive call carries it."""
+
+    id: Id
+    result: list[Result]
+    created_at: str | None = None
+    updated_at: str | None = None
+
+
+class CheckTask(Body):
+    id: Id
+    data: dict[str, Any]
+    drafts: list[Draft] | None = None
+
+
+class CheckBody(PredictBody):
+    """A /predict whose context holds a point of the config's check control
+    (``backend/map_check.py``): its task must carry an id and may carry drafts."""
+
+    tasks: list[CheckTask]
+
+
 WEBHOOK_EVENTS: dict[str, type[WebhookBody]] = {
     "ANNOTATION_CREATED": AnnotationEvent,
     "ANNOTATION_UPDATED": AnnotationEvent,
@@ -230,6 +280,8 @@ def describe_error(model: type[Body], error: Any) -> str:
             return f"missing field {path!r} (it must be {expected})"
         return f"{path} must be {expected} (it is missing)"
     value = error.get("input")
+    if kind == "too_long" and isinstance(value, list):
+        return f"{subject} must be {expected}, got {len(value)}"
     if kind in _RANGE_ERRORS:
         return f"{subject} must be {expected}, got {_short(value)}"
     if kind == "project_key":
@@ -340,6 +392,7 @@ _RANGE_ERRORS = {
     "less_than_equal",
     "string_too_short",
     "string_too_long",
+    "too_long",
 }
 _FALLBACK = {
     "string_type": "a string",

@@ -33,6 +33,7 @@ from torch import nn
 
 from model import load_checkpoint
 from model.checkpoint import CheckpointError, CheckpointMeta
+from model.edited_map import EditedPrediction, predict_input_with_map
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,19 @@ class ServedModel:
     def predict_with(cls, snap: Snapshot, images: Sequence[Image.Image]) -> list[Prediction]:
         """One batch through `snap`, on the process's inference thread (any project's model)."""
         return cls._inference_executor().submit(cls._predict_batch, images, snap).result()
+
+    @classmethod
+    def predict_with_map(
+        cls, snap: Snapshot, image: Image.Image, edited: np.ndarray
+    ) -> EditedPrediction:
+        """The top-3 of `snap` with `edited` gating its perception branch in place of its own
+        map (``model/edited_map.py``), on the process's inference thread."""
+
+        def run() -> EditedPrediction:
+            x = snap.transform(image.convert("RGB"))[None]
+            return predict_input_with_map(snap.model, snap.classes, x, edited, TOP_K)
+
+        return cls._inference_executor().submit(run).result()
 
     @staticmethod
     def _predict_batch(images: Sequence[Image.Image], snap: Snapshot) -> list[Prediction]:

@@ -10,6 +10,8 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.label_config import (
     ATTENTION_LABEL,
+    CHECK_HOTKEY,
+    CHECK_LABEL,
     CLASS_HOTKEYS,
     LabelConfigError,
     check_config,
@@ -36,16 +38,50 @@ def test_generated_config_is_accepted_and_names_the_targets() -> None:
     config = label_config_for(CLASSES)
     targets = check_config(config, CLASSES)
     assert (targets.image, targets.data_key) == ("image", "image")
-    assert (targets.brush, targets.label, targets.choices, targets.top3) == (
+    assert (targets.brush, targets.label, targets.choices, targets.top3, targets.check) == (
         "attention",
         ATTENTION_LABEL,
         "class",
         "top3",
+        "check",
     )
     li = LabelInterface(config)
     assert li.get_control("class").labels == CLASSES
     assert li.get_control("attention").labels == [ATTENTION_LABEL]
+    assert li.get_control("check").labels == [CHECK_LABEL]
     assert default_targets(CLASSES) == targets
+
+
+def test_the_check_control_is_a_smart_only_key_point() -> None:
+    """Label Studio 1.23.2 calls an interactive backend for a smart key point (docs/loop.md,
+    section 5); smart only, its tool shows only with Auto-Annotation on."""
+    [check] = ET.fromstring(label_config_for(CLASSES)).iter("KeyPointLabels")
+    assert (check.get("name"), check.get("toName")) == ("check", "image")
+    assert (check.get("smart"), check.get("smartOnly")) == ("true", "true")
+    [label] = check.iter("Label")
+    assert (label.get("value"), label.get("hotkey")) == (CHECK_LABEL, CHECK_HOTKEY)
+
+
+def test_a_config_without_the_check_control_is_as_before() -> None:
+    """The check is optional: without the control, or with key points of other labels."""
+    config = label_config_for(CLASSES, check=None)
+    assert "KeyPointLabels" not in config
+    assert check_config(config, CLASSES).check is None
+    points = (
+        '<KeyPointLabels name="kp" toName="img" smart="true"><Label value="eye"/></KeyPointLabels>'
+    )
+    assert check_config(view(IMAGE, BRUSH, CHOICES, points), CLASSES).check is None
+    assert check_config(view(IMAGE, BRUSH, CHOICES), CLASSES).check is None
+
+
+def test_the_check_control_is_found_by_its_label_under_any_name() -> None:
+    check = (
+        '<KeyPointLabels name="probe" toName="img" smart="true" smartOnly="true">'
+        f'<Label value="{CHECK_LABEL}"/></KeyPointLabels>'
+    )
+    box = '<TextArea name="t3" toName="img" editable="false" maxSubmissions="0"/>'
+    targets = check_config(view(IMAGE, BRUSH, CHOICES, box, check), CLASSES)
+    assert (targets.check, targets.top3) == ("probe", "t3")
 
 
 def test_generated_config_escapes_class_names() -> None:
@@ -58,6 +94,8 @@ def test_generated_config_escapes_class_names() -> None:
 # The editor's own single-key shortcuts in Label Studio 1.23.2 (tools, unselect region): a class
 # hotkey equal to one of them would fight it.
 TOOL_KEYS = set("behvukmoprw[]")
+# Its shortcuts with shift and a letter or digit (its keymap): the check label's must be none.
+SHIFT_KEYS = {"shift+r", "shift+1", "shift+2"}
 
 
 def test_generated_hotkeys_do_not_shift_with_the_brush_label() -> None:
@@ -68,12 +106,16 @@ def test_generated_hotkeys_do_not_shift_with_the_brush_label() -> None:
     assert keys[:10] == ["1", "2", "3", "4", "5", "6", "7", "8", "9", "q"]
     assert keys[: len(CLASS_HOTKEYS)] == list(CLASS_HOTKEYS)
     assert keys[len(CLASS_HOTKEYS) :] == [None, None]  # Label Studio gives them its leftovers
-    [label] = root.iter("Label")
-    brush_key = label.get("hotkey")
+    brush_label, check_label = root.iter("Label")
+    brush_key = brush_label.get("hotkey")
     assert brush_key and not brush_key.isdigit()
     given = [k for k in keys if k] + [brush_key]
     assert len(set(given)) == len(given)
     assert not TOOL_KEYS & set(given)
+    check_key = check_label.get("hotkey")
+    assert check_key == CHECK_HOTKEY and check_key not in [*given, "0"]  # "0": Other, by hand
+    modifier, _, key = check_key.partition("+")
+    assert modifier == "shift" and key not in "0123456789" and check_key not in SHIFT_KEYS
     three = ET.fromstring(label_config_for(CLASSES))
     assert [c.get("hotkey") for c in three.iter("Choice")] == ["1", "2", "3"]
 
@@ -124,6 +166,16 @@ def test_choice_order_does_not_matter() -> None:
         (
             view(IMAGE, BRUSH, CHOICES.replace('"fox"', '"cow"')),
             "does not know: cow",
+        ),
+        (
+            view(
+                IMAGE,
+                BRUSH,
+                CHOICES,
+                f'<KeyPointLabels name="check" toName="img"><Label value="{CHECK_LABEL}"/>'
+                "</KeyPointLabels>",
+            ),
+            "its answer is shown in a <TextArea>",
         ),
         ("<View><Image", "not valid XML"),
         ("", "empty"),
