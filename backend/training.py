@@ -31,9 +31,9 @@ from rq import get_current_job
 from backend.corrections import Correction
 from backend.images import ImageFetchError, ImageLoader
 from backend.jobs import HEARTBEAT_TTL, TrainingQueue
-from backend.label_config import LabelConfigError, check_config, config_classes
+from backend.label_config import config_classes
 from backend.redis_connection import connect
-from backend.registry import ModelRegistry
+from backend.registry import ModelRegistry, answering
 from backend.settings import Settings
 from backend.store import LoopStore
 from backend.verdict import post_verdict
@@ -114,20 +114,20 @@ def train_project(project: str, settings: Settings, reason: str = "") -> dict[st
     """Train `project`'s next version; returns the record written to MODEL_DIR/jobs."""
     store = LoopStore(settings.layout.corrections_db)
     own = ModelRegistry(settings.model_dir, project)
-    current = own.current()
-    if current is not None:
-        return run_project_round(project, settings, store, own, current, reason)
-    shared = ModelRegistry(settings.model_dir)
-    start = shared.current()
-    config = store.label_config(project)
-    if start is not None and config is not None:
-        try:
-            check_config(config, start["classes"], settings.other_choices)
-        except LabelConfigError:
-            start = None  # the shared model has other classes: the project needs its own
-    if start is not None:
-        return run_project_round(project, settings, store, shared, start, reason, publish_in=own)
-    classes = project_classes(store, project, settings)
+    # Which model this round starts from is serving's rule (backend/registry.py): its own
+    # lineage, else the shared model if that has the project's classes, else a first model.
+    seen = store.label_config(project) is not None
+    classes = project_classes(store, project, settings) if seen else None
+    answer = answering(settings.model_dir, project, classes)
+    if answer.own:
+        return run_project_round(project, settings, store, own, own.current(), reason)
+    if answer.version is not None:
+        shared = ModelRegistry(settings.model_dir)
+        return run_project_round(
+            project, settings, store, shared, shared.current(), reason, publish_in=own
+        )
+    if classes is None:
+        classes = project_classes(store, project, settings)  # refused: no label config seen
     return train_project_first_model(project, settings, store, own, classes, reason)
 
 
