@@ -6,8 +6,11 @@ Manager is what annotators and managers open first, and its tabs are the one thi
 own there without rewriting anyone's settings. So each project gets one tab, made and then kept
 up to date by the worker after every round: its title is the verdict with its numbers, and it
 holds the tasks whose annotations were new to that round, so they can be reviewed in one click.
-The tab's id is kept in ``MODEL_DIR/verdicts/<project>.json``; a tab someone deleted is made
-again at the next round.
+The tab's id is kept in ``MODEL_DIR/verdicts/<project>.json`` with the Label Studio host it
+belongs to. Before a tab is updated it is read back: only a tab of that project whose title
+still starts with ``ABN:`` is rewritten, so a tab id of another host (the backend moved), a tab
+someone deleted, or one a manager renamed as their own is left alone and a new verdict tab is
+made.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TITLE_LIMIT = 300  # characters: a tab title, not a report; the full reasons are in /status
 TAB_TASKS = 200  # the most tasks a verdict tab lists (one filter item each)
+TITLE_PREFIX = "ABN:"  # every verdict's title starts with it: how a tab is known to be ours
 
 
 @dataclass(frozen=True)
@@ -56,21 +60,23 @@ def verdict_of(record: dict[str, Any]) -> Verdict | None:
     tasks = tuple(int(t) for t in record.get("new_task_ids") or ())
     if status == "published" and record.get("gate"):
         numbers = _accuracy(record["gate"])
-        title = f"ABN: round published as {record.get('version')}" + (
+        title = f"{TITLE_PREFIX} round published as {record.get('version')}" + (
             f": {numbers}" if numbers else ""
         )
     elif status == "published":  # a first model: no gate, its own validation
         first = record.get("first_model") or {}
         accuracy = first.get("validation_accuracy")
-        title = f"ABN: first model {record.get('version')}" + (
+        title = f"{TITLE_PREFIX} first model {record.get('version')}" + (
             f", validation accuracy {accuracy:.2f}" if accuracy is not None else ""
         )
     elif status == "rejected":
         reasons = "; ".join(record.get("reasons") or ())
-        title = f"ABN: round refused, {record.get('parent_version')} still serves: {reasons}"
+        title = (
+            f"{TITLE_PREFIX} round refused, {record.get('parent_version')} still serves: {reasons}"
+        )
     elif status == "failed":  # the exception's kind only: its text may hold paths or URLs
         kinds = [reason.split(":", 1)[0] for reason in record.get("reasons") or ()]
-        title = f"ABN: training failed ({', '.join(kinds)}); the reason is in /status"
+        title = f"{TITLE_PREFIX} training failed ({', '.join(kinds)}); the reason is in /status"
     else:
         return None
     if len(tasks) > TAB_TASKS:  # one filter item a task: keep Label Studio's query small
@@ -92,28 +98,52 @@ def _tab_data(verdict: Verdict) -> dict[str, Any]:
     return data
 
 
+def recorded_tab(settings: Settings, project: str, url: str) -> int | None:
+    """The id of the verdict tab made for `project` on the host at `url`, if one was."""
+    try:
+        saved = json.loads(_tab_file(settings, project).read_text())
+        view_id, host = int(saved["view_id"]), saved.get("url")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return view_id if host == url else None
+
+
+def still_ours(api: LabelStudioAPI, project: str, view_id: int) -> bool:
+    """Whether tab `view_id` is still this project's verdict tab (not deleted, not renamed)."""
+    try:
+        view = api.call("GET", f"/api/dm/views/{view_id}/")
+    except LabelStudioAPIError as exc:
+        if exc.status != 404:
+            raise
+        log.info("project %s: the verdict tab %s is gone; making a new one", project, view_id)
+        return False
+    view = view if isinstance(view, dict) else {}
+    title = (view.get("data") or {}).get("title") if isinstance(view.get("data"), dict) else None
+    if view.get("project") != int(project) or not str(title or "").startswith(TITLE_PREFIX):
+        log.info(
+            "project %s: tab %s is no longer the verdict tab (%r); leaving it, making a new one",
+            project,
+            view_id,
+            str(title)[:80],
+        )
+        return False
+    return True
+
+
 def show_verdict(api: LabelStudioAPI, settings: Settings, project: str, verdict: Verdict) -> int:
     """Make or update the project's verdict tab; its id. Raises LabelStudioAPIError."""
-    path = _tab_file(settings, project)
-    try:
-        view_id = int(json.loads(path.read_text())["view_id"])
-    except (OSError, ValueError, KeyError, TypeError):
-        view_id = None
+    view_id = recorded_tab(settings, project, api.conn.url)
     body = {"project": int(project), "data": _tab_data(verdict)}
-    if view_id is not None:
-        try:
-            api.call("PATCH", f"/api/dm/views/{view_id}/", json=body)
-            return view_id
-        except LabelStudioAPIError as exc:
-            if exc.status != 404:
-                raise
-            log.info("project %s: the verdict tab %s is gone; making a new one", project, view_id)
+    if view_id is not None and still_ours(api, project, view_id):
+        api.call("PATCH", f"/api/dm/views/{view_id}/", json=body)
+        return view_id
     view = api.call("POST", "/api/dm/views/", json=body)
     if not isinstance(view, dict) or not isinstance(view.get("id"), int):
         raise LabelStudioAPIError(f"Label Studio made no tab ({str(view)[:200]})")
+    path = _tab_file(settings, project)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "w") as f:
-        json.dump({"view_id": view["id"]}, f)
+        json.dump({"view_id": view["id"], "url": api.conn.url}, f)
     return view["id"]
 
 

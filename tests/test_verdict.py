@@ -4,10 +4,12 @@ Making and updating the tab in a real Label Studio is tests/e2e/test_gate_e2e.py
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytest
+from conftest import FakeLabelStudio
 from processes import free_port
 
 from backend.settings import Settings
@@ -82,3 +84,41 @@ def test_a_label_studio_that_cannot_be_reached_loses_nothing(
         assert post_verdict(Settings(model_dir=tmp_path), "3", record) is None
     assert "could not show" not in caplog.text
     assert "no Label Studio host known" in caplog.text
+
+
+def test_only_the_projects_own_verdict_tab_on_the_same_host_is_rewritten(
+    tmp_path: Path, fake_ls: FakeLabelStudio
+) -> None:
+    fake_ls.accept_views = True
+    settings = Settings(
+        model_dir=tmp_path, label_studio_url=fake_ls.url, label_studio_api_key=fake_ls.token
+    )
+    record = {"status": "published", "version": "p3-v2", "gate": GATE, "new_task_ids": [1]}
+    assert post_verdict(settings, "3", record) == 1  # made
+    saved = json.loads((tmp_path / "verdicts" / "3.json").read_text())
+    assert saved == {"view_id": 1, "url": fake_ls.url}
+
+    def shown(title: str, project: int = 3) -> None:
+        view = {"id": 1, "project": project, "data": {"title": title}}
+        fake_ls.add("/api/dm/views/1/", json.dumps(view).encode())
+
+    shown("ABN: round published as p3-v2")  # still ours: rewritten in place
+    assert post_verdict(settings, "3", {**record, "version": "p3-v3"}) == 1
+    [(patched, body)] = fake_ls.patches
+    assert patched == 1 and body["data"]["title"].startswith("ABN: round published as p3-v3")
+
+    shown("Review of last week")  # a manager made it theirs: left alone, a new tab made
+    assert post_verdict(settings, "3", record) == 2
+    shown("ABN: round published as p3-v2", project=4)  # the id is another project's now
+    assert post_verdict(settings, "3", record) == 3
+    assert len(fake_ls.patches) == 1 and len(fake_ls.views) == 3
+
+    # The backend moved to another Label Studio: the recorded id means nothing there, and is
+    # not even read back.
+    saved = json.loads((tmp_path / "verdicts" / "3.json").read_text())
+    (tmp_path / "verdicts" / "3.json").write_text(json.dumps({**saved, "url": "http://old:8080"}))
+    before = len(fake_ls.requests)
+    assert post_verdict(settings, "3", record) == 4
+    assert [(m, p) for m, p, _ in fake_ls.requests[before:]] == [("POST", "/api/dm/views/")]
+    # A tab deleted in Label Studio (404 on reading it back): a new one.
+    assert post_verdict(settings, "3", record) == 5
