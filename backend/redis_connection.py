@@ -11,6 +11,7 @@ Under `abn run` its children (this server too) get SIGTERM if `abn run` itself i
 from __future__ import annotations
 
 import ctypes
+import io
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from redis.exceptions import RedisError
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 10.0  # seconds for a started server to answer PING
+LOG_TAIL_BYTES = 64 * 1024  # what log_tail reads of the log at most
 STOP_TIMEOUT = 10.0  # seconds for it to save and exit on SIGTERM before it is killed
 MAX_BACKOFF = 30.0  # longest wait between restarts of a server that keeps dying
 STABLE_AFTER = 60.0  # a server up this long that dies is restarted at once again
@@ -198,10 +200,12 @@ class EmbeddedRedis:
         log.info("embedded Redis at %s", self.url)
 
     def log_tail(self) -> str:
-        """The last log line of the latest start, for error messages."""
+        """The last log line of the latest start, for error messages (read from the log's
+        last LOG_TAIL_BYTES at most: a server that ran for months has a long log)."""
         try:
             with self.logfile.open("rb") as log_file:
-                log_file.seek(self._log_offset)
+                end = log_file.seek(0, io.SEEK_END)
+                log_file.seek(max(self._log_offset, end - LOG_TAIL_BYTES))
                 lines = log_file.read().decode(errors="replace").strip().splitlines()
         except OSError:
             return "(no log)"

@@ -212,13 +212,14 @@ def run_strategy(
         points.append(point(number))
         p = points[-1]
         log.info(
-            "seed %d %s round %d: %d corrections, accuracy %.4f, map distance %.4f",
+            "seed %d %s round %d: %d corrections, accuracy %.4f, map distance %.4f%s",
             seed,
             strategy,
             number,
             p.corrections,
             p.accuracy or 0.0,
             p.map_mse or 0.0,
+            "" if p.shortcut_accuracy is None else f", where misled {p.shortcut_accuracy:.4f}",
         )
     return points
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backend import redis_connection
-from backend.redis_connection import EmbeddedRedis, connect
+from backend.redis_connection import LOG_TAIL_BYTES, EmbeddedRedis, connect
 
 
 def test_the_embedded_redis_leaves_no_files(tmp_path: Path, monkeypatch) -> None:
@@ -137,3 +137,17 @@ def test_the_workers_lost_redis_lines_are_rate_limited() -> None:
         clock.now += 2.0
     assert len(passed) == 3  # at 0, 60 and 120 s
     assert passed[1].endswith("(29 such lines left out)")
+
+
+def test_the_log_tail_is_the_latest_starts_last_line_read_from_the_end(tmp_path: Path) -> None:
+    redis = EmbeddedRedis(tmp_path / "redis")
+    redis.directory.mkdir()
+    assert redis.log_tail() == "(no log)"
+    old = b"an earlier start's line\n" * 4
+    redis.logfile.write_bytes(old)
+    redis._log_offset = len(old)  # as start_server sets it
+    assert redis.log_tail() == "(no output)"  # this start wrote nothing yet
+    # A server that ran for months: megabytes since its start, of which the tail is read.
+    with redis.logfile.open("ab") as log_file:
+        log_file.write(b"\xff" * (4 * LOG_TAIL_BYTES) + b"\n# Server started\nlast words\n")
+    assert redis.log_tail() == "last words"
