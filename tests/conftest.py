@@ -66,11 +66,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def served(tiny_checkpoint: Path):
+def loaded_model(tiny_checkpoint: Path):
     """The tiny checkpoint loaded once for the session (batch size 4, to exercise batching)."""
     from backend.serving import ServedModel
 
     return ServedModel.from_checkpoint(tiny_checkpoint, batch_size=4)
+
+
+@pytest.fixture
+def served(loaded_model):
+    """The session's served model, put back as it was after each test: an app under test may
+    hot-swap it to a version of its MODEL_DIR, which the next test must not inherit."""
+    before = loaded_model.snapshot
+    yield loaded_model
+    if loaded_model.snapshot is not before:
+        loaded_model.swap(before.version, before.model, before.meta, source=before.source)
 
 
 @dataclass
