@@ -1,4 +1,4 @@
-"""Fast, defensive Label Studio brush RLE codec for single-channel masks.
+"""Fast, defensive Label Studio brush RLE codec for single-channel masks, and a draft's strokes.
 
 Label Studio stores brush masks as a thi.ng rle-pack bitstream over RGBA bytes, and the SDK's
 codec walks it one bit at a time in pure Python: seconds per graded 1024x1024 attention map, paid
@@ -17,9 +17,11 @@ from __future__ import annotations
 import functools
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 MAX_PIXELS = 2**28
 """Largest mask (height * width) either direction accepts: 1 GiB of RGBA, far beyond any image
@@ -463,3 +465,128 @@ def _bad_item(index: int, item: object) -> str:
     if item < 0:
         return f"RLE item {index} is negative ({item}); RLE items are bytes in 0..255"
     return f"RLE item {index} is {item}, larger than a byte (0..255)"
+
+
+# --------------------------------------------------------------------------- strokes
+# A draft keeps a brush as the editor has it in memory: the RLE it was loaded with and, in
+# ``touches``, the strokes drawn since; only a submitted annotation's RLE has them painted in.
+
+TOUCH_FILL = {"add": 255, "eraser": 0}
+"""What a stroke leaves: the editor paints opaque black (``source-over``: alpha 255) or erases
+(``destination-out``: alpha 0)."""
+POINT_RANGE = (-100.0, 200.0)
+"""Stroke points are percent of the image's width and height: one image-size out at most."""
+MAX_STROKE_WIDTH = 200.0
+"""Stroke widths are percent of the image's width."""
+EDGE = 0.25
+"""Pillow fills the pixels a shape's outline touches: drawn a quarter pixel thinner, a stroke
+covers as many pixels as the pixel centres within its radius (0.3% apart on random
+polylines, against 1.4% unchanged)."""
+
+
+@dataclass(frozen=True)
+class Stroke:
+    """One of a draft's touches in image pixels."""
+
+    fill: int  # 255 painted, 0 erased
+    points: np.ndarray  # (n, 2) float64 x, y: the polyline, in order
+    radius: float  # half the line width
+
+
+def strokes(touches: object, width: int, height: int) -> list[Stroke]:
+    """A brush value's ``touches`` in image pixels, or a :class:`BrushDecodeError` that says
+    which one is not a stroke. The editor converts ``relativePoints`` (percent of the width
+    and the height) and ``relativeStrokeWidth`` (percent of the width) to pixels the same way."""
+    if not isinstance(touches, list):
+        raise BrushDecodeError(f"touches must be a list of strokes, got {type(touches).__name__}")
+    out = []
+    low, high = POINT_RANGE
+    for index, touch in enumerate(touches):
+        where = f"touch {index}"
+        if not isinstance(touch, dict):
+            raise BrushDecodeError(f"{where} must be an object")
+        kind = touch.get("type", "add")
+        if kind not in TOUCH_FILL:
+            raise BrushDecodeError(f"{where}: type must be one of {', '.join(TOUCH_FILL)}")
+        points = _numbers(touch.get("relativePoints"), f"{where}: relativePoints")
+        if points.size == 0 or points.size % 2:
+            raise BrushDecodeError(f"{where}: relativePoints must hold x, y pairs")
+        if points.min() < low or points.max() > high:
+            raise BrushDecodeError(f"{where}: relativePoints must be in {low:g}..{high:g}")
+        line = _numbers([touch.get("relativeStrokeWidth", 25)], f"{where}: relativeStrokeWidth")
+        if not 0 < line[0] <= MAX_STROKE_WIDTH:
+            raise BrushDecodeError(
+                f"{where}: relativeStrokeWidth must be in (0, {MAX_STROKE_WIDTH:g}]"
+            )
+        xy = points.reshape(-1, 2) * np.array([width / 100, height / 100])
+        out.append(Stroke(TOUCH_FILL[kind], xy, float(line[0]) * width / 200))
+    return out
+
+
+def _numbers(value: object, what: str) -> np.ndarray:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    ):
+        raise BrushDecodeError(f"{what} must be a list of numbers")
+    array = np.asarray(value, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise BrushDecodeError(f"{what} must be finite numbers")
+    return array
+
+
+ROW_COST = 256
+"""Pillow fills a shape row by row: one row costs about as much as 256 pixels of it."""
+
+
+def stroke_cost(drawn: list[Stroke], width: int, height: int) -> int:
+    """About how much painting `drawn` costs, in pixels filled: the box of every disc and band
+    it draws, clipped to the image, with each box row at :data:`ROW_COST`. What the budget of a
+    draft's strokes counts (measured: 512 M takes about a tenth of a second)."""
+    total = 0
+    for stroke in drawn:
+        x, y, r = stroke.points[:, 0], stroke.points[:, 1], stroke.radius
+        boxes = [(x - r, y - r, x + r, y + r)]
+        if len(x) > 1:
+            boxes.append(
+                (
+                    np.minimum(x[:-1], x[1:]) - r,
+                    np.minimum(y[:-1], y[1:]) - r,
+                    np.maximum(x[:-1], x[1:]) + r,
+                    np.maximum(y[:-1], y[1:]) + r,
+                )
+            )
+        for left, top, right, bottom in boxes:
+            columns = np.clip(right + 1, 0, width) - np.clip(left, 0, width)
+            rows = np.clip(bottom + 1, 0, height) - np.clip(top, 0, height)
+            total += int((rows * (columns + ROW_COST)).sum())
+    return total
+
+
+def paint_strokes(alpha: np.ndarray, drawn: list[Stroke]) -> np.ndarray:
+    """`alpha` with `drawn` painted over it in order, as the editor exports a brush: each
+    stroke is its polyline widened by its radius (round caps and joins: a disc at every point
+    and a band along every segment). A pixel is in or out; the editor's anti-aliased edge, a
+    pixel wide, is the one difference."""
+    if not drawn:
+        return alpha
+    image = Image.fromarray(alpha)
+    draw = ImageDraw.Draw(image)
+    for stroke in drawn:
+        r, fill = max(stroke.radius - EDGE, 0.0), stroke.fill
+        for x, y in stroke.points.tolist():
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        for corners in _bands(stroke.points, r):
+            draw.polygon(corners, fill=fill)
+    return np.asarray(image).copy()
+
+
+def _bands(points: np.ndarray, r: float) -> list[list[float]]:
+    """The four corners of the band `r` either side of every segment of `points` with a length."""
+    start, end = points[:-1], points[1:]
+    step = end - start
+    length = np.hypot(step[:, 0], step[:, 1])
+    keep = length > 0
+    start, end, step, length = start[keep], end[keep], step[keep], length[keep]
+    normal = np.stack([-step[:, 1], step[:, 0]], axis=1) * (r / length)[:, None]
+    corners = np.concatenate([start + normal, end + normal, end - normal, start - normal], axis=1)
+    return corners.tolist()

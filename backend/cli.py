@@ -247,6 +247,7 @@ class RateLimit(logging.Filter):
 def cmd_label_config(args: argparse.Namespace) -> None:
     from backend.label_config import label_config_for
 
+    check = None if args.no_check else "check"
     if args.classes is not None:
         classes = [c.strip() for c in args.classes.split(",")]
         if not all(classes) or len(set(classes)) != len(classes):
@@ -254,7 +255,7 @@ def cmd_label_config(args: argparse.Namespace) -> None:
                 f"error: --classes must be distinct, non-empty names separated by commas, "
                 f"got {args.classes!r}"
             )
-        print(label_config_for(classes), end="")
+        print(label_config_for(classes, check=check), end="")
         return
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -267,7 +268,7 @@ def cmd_label_config(args: argparse.Namespace) -> None:
             "a,b,c for a new project"
         )
     meta, _ = read_checkpoint(checkpoint)
-    print(label_config_for(list(meta["classes"])), end="")
+    print(label_config_for(list(meta["classes"]), check=check), end="")
 
 
 def cmd_rollback(args: argparse.Namespace) -> None:
@@ -438,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoint", type=Path, help="default: the version MODEL_DIR serves")
     which.add_argument("--classes", help="class names separated by commas, for a new project")
     which.add_argument("--project", help="the version that project's own lineage serves")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help='without the "Check my map" key point (it needs the backend connected as interactive)',
+    )
     p.set_defaults(func=cmd_label_config)
 
     p = sub.add_parser(

@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 
-from backend.brush import BrushDecodeError, decode_rle
+from backend.brush import (
+    BrushDecodeError,
+    Stroke,
+    decode_rle,
+    paint_strokes,
+    stroke_cost,
+    strokes,
+)
 from backend.label_config import Targets
 
 EDITED_ORIGINS = {"prediction-changed", "manual"}
@@ -64,17 +71,64 @@ the limit). Without it, a body of a thousand small uniform streams declaring the
 would take minutes."""
 
 
+MAX_STROKE_FACTOR = 64
+"""A draft's strokes (``touches``) may cost this many times ABN_BRUSH_MAX_PIXELS to paint in
+all (``backend/brush.py``'s ``stroke_cost``): at the default, about a second; an annotator's
+strokes on a usual image cost a thousandth of it."""
+MAX_TOUCH_POINTS = 50_000
+"""Stroke points a draft may hold in all: each costs a few microseconds to paint, and an
+annotator's stroke holds a few hundred."""
+
+
+@dataclass(frozen=True)
+class _Brush:
+    """One attention brush result, its size checked, its strokes (a draft's) read."""
+
+    where: str
+    value: dict[str, Any]
+    width: int
+    height: int
+    origin: str
+    strokes: list[Stroke]
+
+
 def brush_alpha(
     results: list[dict[str, Any]], targets: Targets, max_pixels: int | None = None
 ) -> tuple[np.ndarray, bool] | None:
-    """All attention brushes of an annotation merged by maximum, and whether any was edited.
+    """All attention brushes of an annotation (or a draft) merged by maximum, and whether any
+    was edited.
 
     None when the annotation has no attention brush (the annotator erased it all is not that:
-    an emptied brush still arrives as a result). Sizes are checked before anything is decoded:
-    a brush over `max_pixels`, or brushes over ``MAX_BRUSHES_FACTOR * max_pixels`` in all,
-    raise :class:`BrushTooLarge`; brushes of different sizes a :class:`CorrectionError`.
+    an emptied brush still arrives as a result). A draft's brush is its RLE with its strokes
+    painted over it, as the editor paints them when it submits (none, or no RLE at all, for a
+    region drawn since). Sizes are checked before anything is decoded: a brush over
+    `max_pixels`, brushes over ``MAX_BRUSHES_FACTOR * max_pixels`` in all, or strokes over
+    :data:`MAX_TOUCH_POINTS` or ``MAX_STROKE_FACTOR * max_pixels`` raise
+    :class:`BrushTooLarge`; brushes of different sizes a :class:`CorrectionError`.
     """
-    brushes = []
+    brushes = attention_brushes(results, targets, max_pixels)
+    merged: np.ndarray | None = None
+    edited = False
+    for brush in brushes:
+        value = brush.value
+        try:
+            if value.get("rle") is None and brush.strokes:
+                alpha = np.zeros((brush.height, brush.width), np.uint8)
+            else:
+                alpha = decode_rle(value.get("rle"), brush.height, brush.width)
+        except BrushDecodeError as exc:
+            raise CorrectionError(f"{brush.where}: {exc}") from exc
+        alpha = paint_strokes(alpha, brush.strokes)
+        merged = alpha if merged is None else np.maximum(merged, alpha, out=merged)
+        edited |= brush.origin in EDITED_ORIGINS
+    return None if merged is None else (merged, edited)
+
+
+def attention_brushes(
+    results: list[dict[str, Any]], targets: Targets, max_pixels: int | None
+) -> list[_Brush]:
+    """The results under the attention label, their sizes and strokes within the limits."""
+    brushes: list[_Brush] = []
     for index, result in enumerate(results):
         if not isinstance(result, dict):
             raise CorrectionError(f"result {index} must be an object")
@@ -94,28 +148,41 @@ def brush_alpha(
                 f"{where} is {width}x{height} ({width * height} pixels), more than "
                 f"ABN_BRUSH_MAX_PIXELS={max_pixels}"
             )
-        if brushes and (width, height) != brushes[0][2:4]:
+        if brushes and (width, height) != (brushes[0].width, brushes[0].height):
             raise CorrectionError(
                 f"brush result {index} is {width}x{height}, another brush of the same image is "
-                f"{brushes[0][2]}x{brushes[0][3]}"
+                f"{brushes[0].width}x{brushes[0].height}"
             )
-        brushes.append((where, value, width, height, result.get("origin", "manual")))
-    total = sum(width * height for _, _, width, height, _ in brushes)
-    if max_pixels is not None and total > MAX_BRUSHES_FACTOR * max_pixels:
+        try:
+            drawn = strokes(value["touches"], width, height) if "touches" in value else []
+        except BrushDecodeError as exc:
+            raise CorrectionError(f"{where}: {exc}") from exc
+        brushes.append(_Brush(where, value, width, height, result.get("origin", "manual"), drawn))
+    if max_pixels is not None:
+        check_budget(brushes, max_pixels)
+    return brushes
+
+
+def check_budget(brushes: list[_Brush], max_pixels: int) -> None:
+    """:class:`BrushTooLarge` unless the brushes decode and their strokes paint in bounded
+    time and memory."""
+    total = sum(b.width * b.height for b in brushes)
+    if total > MAX_BRUSHES_FACTOR * max_pixels:
         raise BrushTooLarge(
             f"the annotation's {len(brushes)} attention brushes hold {total} pixels in all, "
             f"more than {MAX_BRUSHES_FACTOR} x ABN_BRUSH_MAX_PIXELS={max_pixels}"
         )
-    merged: np.ndarray | None = None
-    edited = False
-    for where, value, width, height, origin in brushes:
-        try:
-            alpha = decode_rle(value.get("rle"), height, width)
-        except BrushDecodeError as exc:
-            raise CorrectionError(f"{where}: {exc}") from exc
-        merged = alpha if merged is None else np.maximum(merged, alpha, out=merged)
-        edited |= origin in EDITED_ORIGINS
-    return None if merged is None else (merged, edited)
+    points = sum(len(s.points) for b in brushes for s in b.strokes)
+    if points > MAX_TOUCH_POINTS:
+        raise BrushTooLarge(
+            f"the brushes' strokes hold {points} points in all, more than {MAX_TOUCH_POINTS}"
+        )
+    cost = sum(stroke_cost(b.strokes, b.width, b.height) for b in brushes)
+    if cost > MAX_STROKE_FACTOR * max_pixels:
+        raise BrushTooLarge(
+            f"the brushes' strokes would paint about {cost} pixels, more than "
+            f"{MAX_STROKE_FACTOR} x ABN_BRUSH_MAX_PIXELS={max_pixels}"
+        )
 
 
 def chosen_class(results: list[dict[str, Any]], targets: Targets) -> str | None:

@@ -111,7 +111,7 @@ def label_config_for(
         'showInline="true">\n'
         f"{choice_lines}\n"
         "  </Choices>\n"
-        '  <Header value="Model: top-3 classes"/>\n'
+        '  <Header value="Model: top-3 classes (after Check my map: with your map)"/>\n'
         f'  <TextArea name={quoteattr(top3)} toName={quoteattr(image)} editable="false" '
         'maxSubmissions="0" rows="3"/>\n'
         + (check_control(check, image) if check else "")
@@ -122,7 +122,8 @@ def label_config_for(
 def check_control(name: str, image: str = "image") -> str:
     """The "check my map" tags of :func:`label_config_for`: a smart-only key point."""
     return (
-        f'  <Header value="Check my map (Auto-Annotation on, regions hidden: click the image)"/>\n'
+        '  <Header value="Check my map (with Auto-Annotation on): Ctrl+H to hide the regions, '
+        'the smart key point tool, Shift+C, a click on the image"/>\n'
         f"  <KeyPointLabels name={quoteattr(name)} toName={quoteattr(image)} "
         'smart="true" smartOnly="true">\n'
         f"    <Label value={quoteattr(CHECK_LABEL)} background={quoteattr(CHECK_COLOR)} "

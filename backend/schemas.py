@@ -160,10 +160,22 @@ class ProjectRef(Body):
 Project = Annotated[ProjectRef, BeforeValidator(_project_object)]
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False), Describe("a number (not NaN or infinite)")]
+
+
+class Touch(Body):
+    """A stroke a draft keeps beside its brush's RLE (``backend/brush.py`` paints it)."""
+
+    type: str | None = None
+    relative_points: list[Finite] = Field(alias="relativePoints")
+    relative_stroke_width: Finite | None = Field(default=None, alias="relativeStrokeWidth")
+
+
 class ResultValue(Body):
     rle: RawArray | None = None
     brushlabels: list[str] | None = None
     choices: list[str] | None = None
+    touches: list[Touch] | None = None
 
 
 class Result(Body):

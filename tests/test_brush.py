@@ -6,6 +6,7 @@ bit at a time.
 
 from __future__ import annotations
 
+import itertools
 from unittest.mock import patch
 
 import numpy as np
@@ -330,3 +331,88 @@ def test_decoding_costs_about_a_byte_per_pixel() -> None:
         tracemalloc.stop()
     assert np.array_equal(decoded, alpha)
     assert peak < 2.5 * alpha.size, f"{peak / alpha.size:.2f} bytes per pixel"
+
+
+# --------------------------------------------------------------------------- a draft's strokes
+
+
+def distance_to(points: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Each pixel centre's distance to the polyline `points` (x, y in pixels)."""
+    yy, xx = np.mgrid[0:height, 0:width] + 0.5
+    nearest = np.full((height, width), np.inf)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        dx, dy = x1 - x0, y1 - y0
+        t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / max(dx * dx + dy * dy, 1e-12), 0, 1)
+        nearest = np.minimum(nearest, np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy)))
+    return nearest
+
+
+def test_a_stroke_covers_its_polyline_widened_with_round_ends() -> None:
+    """What the editor's canvas paints: pixel centres within half the line width (percent of
+    the image's width) of the polyline (percent of width and height), round caps and joins."""
+    width, height = 200, 120
+    touch = {"type": "add", "relativePoints": [10, 20, 60, 80, 90, 30], "relativeStrokeWidth": 8}
+    [stroke] = brush.strokes([touch], width, height)
+    np.testing.assert_allclose(stroke.points, [[20, 24], [120, 96], [180, 36]])
+    assert stroke.radius == 8
+    painted = brush.paint_strokes(np.zeros((height, width), np.uint8), [stroke])
+    distance = distance_to(stroke.points, height, width)
+    assert set(np.unique(painted)) == {0, 255}
+    assert (painted[distance < stroke.radius - 1] == 255).all()
+    assert (painted[distance > stroke.radius + 1] == 0).all()
+    area, want = (painted == 255).sum(), (distance <= stroke.radius).sum()
+    assert abs(area - want) < 0.02 * want
+
+
+def test_strokes_paint_and_erase_in_order_over_the_brush() -> None:
+    alpha = np.full((50, 100), 73, np.uint8)
+    line = {"relativePoints": [0, 50, 100, 50], "relativeStrokeWidth": 10}
+    touches = [
+        {**line, "type": "add"},
+        {**line, "type": "eraser", "relativeStrokeWidth": 4},
+        {"type": "add", "relativePoints": [50, 50], "relativeStrokeWidth": 2},  # a dot
+    ]
+    painted = brush.paint_strokes(alpha, brush.strokes(touches, 100, 50))
+    assert painted[0, 0] == 73 and painted[25 - 4, 20] == 255  # untouched; painted
+    assert painted[25, 20] == 0 and painted[25, 50] == 255  # erased; the dot painted again
+    assert alpha[25, 20] == 73  # the brush passed in is left as it was
+
+
+def test_a_stroke_thinner_than_a_pixel_paints_at_most_its_pixels() -> None:
+    """A fuzzer's find: Pillow refused the disc of a quarter-pixel stroke (a 500)."""
+    thin = {"relativePoints": [0, 0, 50, 50], "relativeStrokeWidth": 10}
+    painted = brush.paint_strokes(np.zeros((3, 2), np.uint8), brush.strokes([thin], 2, 3))
+    assert painted[0, 0] == 255 and painted.sum() <= 3 * 255
+
+
+@pytest.mark.parametrize(
+    ("touches", "needle"),
+    [
+        ({"type": "add"}, "touches must be a list"),
+        ([5], "touch 0 must be an object"),
+        ([{"type": "lasso", "relativePoints": [1, 2]}], "type must be one of add, eraser"),
+        ([{"relativePoints": [1, 2, 3]}], "x, y pairs"),
+        ([{"relativePoints": []}], "x, y pairs"),
+        ([{"relativePoints": "1,2"}], "relativePoints must be a list of numbers"),
+        ([{"relativePoints": [1, True]}], "relativePoints must be a list of numbers"),
+        ([{"relativePoints": [1, float("nan")]}], "finite"),
+        ([{"relativePoints": [1, 1e300]}], "relativePoints must be in -100..200"),
+        ([{"relativePoints": [1, 2], "relativeStrokeWidth": 0}], "relativeStrokeWidth must be"),
+        ([{"relativePoints": [1, 2], "relativeStrokeWidth": 1e9}], "relativeStrokeWidth must be"),
+    ],
+)
+def test_what_is_not_a_stroke_is_refused(touches: object, needle: str) -> None:
+    with pytest.raises(BrushDecodeError, match=needle):
+        brush.strokes(touches, 100, 100)
+
+
+def test_the_cost_of_strokes_grows_with_their_size_and_stays_within_the_image() -> None:
+    dot = {"relativePoints": [50, 50], "relativeStrokeWidth": 1}
+    line = {"relativePoints": [40, 40, 60, 60], "relativeStrokeWidth": 1}
+    huge = {"relativePoints": [50, 50], "relativeStrokeWidth": 200}
+    cost = {
+        name: brush.stroke_cost(brush.strokes([t], 1000, 1000), 1000, 1000)
+        for name, t in (("dot", dot), ("line", line), ("huge", huge))
+    }
+    assert cost["dot"] < cost["line"] < cost["huge"]
+    assert cost["huge"] <= 1000 * (1000 + brush.ROW_COST)  # one disc: the image at most

@@ -56,6 +56,14 @@ def test_versions_lists_lineage_and_marks_the_current_one(
         main(["rollback", "v7"])
 
 
+def test_label_config_without_the_check(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["label-config", "--classes", "cat,dog"])
+    assert check_config(capsys.readouterr().out, ["cat", "dog"]).check == "check"
+    main(["label-config", "--classes", "cat,dog", "--no-check"])
+    out = capsys.readouterr().out
+    assert "KeyPointLabels" not in out and check_config(out, ["cat", "dog"]).check is None
+
+
 def test_label_config_for_named_classes(capsys: pytest.CaptureFixture[str]) -> None:
     main(["label-config", "--classes", "cat, dog ,fox"])
     config = capsys.readouterr().out

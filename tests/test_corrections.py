@@ -215,3 +215,45 @@ def test_many_brushes_at_the_limit_are_refused_before_decoding(monkeypatch) -> N
     other = brush(np.zeros((4, 4), dtype=np.uint8), rid="x")
     with pytest.raises(CorrectionError, match="another brush of the same image"):
         correction_from_annotation("1", annotation([one, other]), TASK, TARGETS, 2)
+
+
+def touch(points: list[float], width: float = 30.0, kind: str = "add") -> dict:
+    """One stroke as a draft keeps it (the editor's Points: percent of the image)."""
+    return {"type": kind, "relativePoints": points, "relativeStrokeWidth": width}
+
+
+def drafted(alpha: np.ndarray | None, touches: list[dict], shape=(16, 16), **changes) -> dict:
+    """A brush result as the editor autosaves it: the RLE it loaded, and the strokes since."""
+    result = brush(np.zeros(shape, np.uint8) if alpha is None else alpha, **changes)
+    if alpha is None:  # a region drawn since the task opened: strokes only
+        del result["value"]["rle"]
+    result["value"]["touches"] = touches
+    return result
+
+
+def test_a_drafts_strokes_are_painted_over_its_brush_before_the_merge() -> None:
+    predicted = np.full((16, 16), 100, np.uint8)
+    over_the_top = touch([0, 25, 100, 25])  # 30% of 16 px wide: rows 0..7 at the least
+    erase_the_bottom = touch([0, 90, 100, 90], kind="eraser")
+    new_region = drafted(None, [touch([75, 50, 75, 50], width=10)], rid="n", origin="manual")
+    alpha, edited = brush_alpha(
+        [drafted(predicted, [over_the_top, erase_the_bottom]), new_region], TARGETS
+    )
+    assert edited
+    assert (alpha[1:6] == 255).all() and (alpha[15] == 0).all() and alpha[9, 2] == 100
+    assert alpha[8, 12] == 255  # the new region's dot, merged by maximum
+    assert alpha[8, 4] == 100
+
+
+def test_a_drafts_strokes_over_the_limits_are_refused() -> None:
+    """Counted from the points before anything is decoded or painted."""
+    import backend.corrections as corrections
+
+    many = drafted(None, [touch([50, 50] * (corrections.MAX_TOUCH_POINTS + 1))])
+    with pytest.raises(BrushTooLarge, match=r"hold 50001 points in all, more than 50000"):
+        brush_alpha([many], TARGETS, max_pixels=10**6)
+    wide = drafted(None, [touch([50, 50] * 300, width=200)], shape=(100, 100))
+    with pytest.raises(BrushTooLarge, match=r"would paint about \d+ pixels, more than 64 x ABN"):
+        brush_alpha([wide], TARGETS, max_pixels=10**4)
+    with pytest.raises(CorrectionError, match=r"brush result 0 \(r1\): touch 0: type must be"):
+        brush_alpha([drafted(None, [touch([1, 2], kind="lasso")])], TARGETS)

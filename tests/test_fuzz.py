@@ -132,6 +132,11 @@ NAMED = (
     "JSON",
     "body",
     "ABN_",
+    "params",
+    "context",
+    "drafts",
+    "touch",
+    "map check",
 )
 
 
@@ -349,7 +354,25 @@ def predict_bodies(draw: st.DrawFn) -> dict:
         body["label_config"] = CONFIG
     if draw(st.booleans()):
         body["params"] = {"login": None, "password": None, "context": None}
+    if tasks and draw(st.booleans()):  # "check my map": a point, the task's drafted brush
+        body["params"] = {"context": {"result": [CHECK_POINT]}}
+        width, height = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+        corrupt = draw(st.sampled_from([None, None, "truncated", "size", "huge", "garbage"]))
+        drafted = brush_result(width, height, draw(st.integers(0, 255)), corrupt=corrupt)
+        points = draw(st.lists(st.floats(-10, 110), min_size=2, max_size=8))
+        drafted["value"]["touches"] = [{"type": "add", "relativePoints": points}]
+        tasks[0]["drafts"] = [{"id": 1, "result": [drafted], "updated_at": "2026-01-01"}]
+        del tasks[1:]
     return body
+
+
+CHECK_POINT = {
+    "id": "pt",
+    "type": "keypointlabels",
+    "from_name": "check",
+    "to_name": "image",
+    "value": {"x": 50, "y": 50, "width": 1, "keypointlabels": ["Check my map"]},
+}
 
 
 @st.composite

@@ -140,6 +140,18 @@ def test_a_check_answers_the_top3_with_the_drafted_map(
     assert app.extensions["abn"].loop.store.predicted_version("1", 3) is None  # not a prediction
 
 
+def test_a_drafts_strokes_are_painted_over_the_brush_it_loaded(
+    client, tiny_checkpoint: Path
+) -> None:
+    """The editor autosaves a brush as the RLE it loaded plus the strokes since (``touches``,
+    in percent of the image): the left half painted over an empty brush, as one stroke."""
+    result = brush(np.zeros((HEIGHT, WIDTH), np.uint8))
+    left_half = {"type": "add", "relativePoints": [25, -60, 25, 160], "relativeStrokeWidth": 50}
+    result["value"]["touches"] = [left_half]
+    lines = lines_of(post(client, "/predict", check_body([draft([result])])))
+    assert lines[1:4] == expected(tiny_checkpoint, painted())
+
+
 def test_the_latest_draft_is_checked(client, tiny_checkpoint: Path) -> None:
     newer = draft([brush(painted())], draft_id=8, updated_at="2026-01-01T10:05:00Z")
     older = draft([brush(np.full((HEIGHT, WIDTH), 255, np.uint8))], draft_id=9)
@@ -209,6 +221,12 @@ def test_a_context_without_a_check_point_is_predicted_as_before(client) -> None:
         assert [r["type"] for r in entry["result"]] == ["brushlabels", "choices", "textarea"]
 
 
+def with_touches(touches: Any) -> dict:
+    result = brush(painted())
+    result["value"]["touches"] = touches
+    return result
+
+
 def rle_of_another_size() -> dict:
     result = brush(painted())
     result["value"]["rle"] = encode_rle(np.zeros((10, 10), np.uint8))
@@ -258,6 +276,10 @@ def test_a_bad_context_is_a_400_naming_the_field(client, change: dict, needle: s
             [draft([brush(painted()), brush(np.zeros((10, 10), np.uint8), "manual")])],
             "another brush of the same image is 40x30",
         ),
+        ([draft([with_touches(5)])], "value.touches must be an array of objects"),
+        ([draft([with_touches([{"relativePoints": ["x"]}])])], "must be a number (not NaN"),
+        ([draft([with_touches([{"relativePoints": [1]}])])], "touch 0: relativePoints must"),
+        ([draft([with_touches([{"relativePoints": [1, 2], "type": "x"}])])], "type must be one"),
     ],
 )
 def test_a_bad_draft_is_a_400_naming_what_is_wrong(client, drafts: Any, needle: str) -> None:
@@ -292,6 +314,14 @@ def test_a_huge_declared_brush_is_a_413_before_anything_is_decoded(
     assert not [r for r in fake_ls.requests if r[1] == IMAGE]  # the image was never fetched
     metrics = app.test_client().get("/metrics").get_data(as_text=True)
     assert 'abn_map_checks_total{outcome="refused"} 1.0' in metrics
+
+
+def test_strokes_too_many_to_paint_are_a_413(client) -> None:
+    points = [50.0, 50.0] * 50_001
+    reply = post(
+        client, "/predict", check_body([draft([with_touches([{"relativePoints": points}])])])
+    )
+    assert reply.status_code == 413 and "50001 points in all" in reply.json["error"]
 
 
 def test_a_check_is_bounded_by_the_body_limit(

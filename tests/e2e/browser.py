@@ -78,6 +78,30 @@ class Editor:
         )
         self.page.wait_for_timeout(1500)  # the brush mask is decoded after the image
 
+    def auto_annotation(self) -> None:
+        """Turn on the toggle an interactive backend offers: every smart tool shows."""
+        self.page.get_by_text("Auto-Annotation", exact=True).click()
+        self.page.get_by_text("Auto-Accept Suggestions").wait_for(timeout=STEP_TIMEOUT_MS)
+
+    def select_region(self) -> None:
+        """Select the first region in the Regions panel (the predicted brush), as an annotator
+        does before editing it; waits until its details show."""
+        self.page.locator("[class*=outliner] .lsf-labels-list").first.click()
+        self.page.get_by_text("Select a region to view its properties").wait_for(state="hidden")
+
+    def smart_tool(self, name: str) -> None:
+        """Pick a smart tool (``brush-tool``, ``key-point-tool``). They fold into one button,
+        which shows the active tool's settings instead while one of them is active, so the
+        move tool is picked first."""
+        self.page.locator("[aria-label=move-tool]:visible").first.click()
+        self.page.locator(".lsf-tool_smart:visible").first.hover()
+        self.page.locator(f".lsf-tool_smart[aria-label={name}]:visible").click()
+
+    def click(self, fx: float, fy: float) -> None:
+        """A click on the image at fractions (0..1) of the stage's width and height."""
+        box = self.stage_box()
+        self.page.mouse.click(box["x"] + box["width"] * fx, box["y"] + box["height"] * fy)
+
     def stage_box(self) -> dict[str, float]:
         """Where the image's drawing stage is on the page (x, y, width, height)."""
         box = self.page.locator(".konvajs-content").first.bounding_box()

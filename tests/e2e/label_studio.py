@@ -431,6 +431,10 @@ class LabelStudioServer:
     def predictions(self, task_id: int) -> list[dict[str, Any]]:
         return self.api("GET", "/api/predictions/", params={"task": task_id})
 
+    def drafts(self, task_id: int) -> list[dict[str, Any]]:
+        """The API user's drafts of a task: what the editor autosaved, as Label Studio keeps it."""
+        return self.api("GET", f"/api/tasks/{task_id}/drafts")
+
     def create_annotation(self, task_id: int, result: list[dict[str, Any]]) -> dict[str, Any]:
         """Sends ANNOTATION_CREATED to the project webhooks before it returns."""
         return self.api("POST", f"/api/tasks/{task_id}/annotations/", json={"result": result})

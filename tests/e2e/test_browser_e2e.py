@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,8 +26,14 @@ from PIL import Image, ImageDraw
 from processes import ROOT, Loop, running_backend, wait_for
 
 from backend.brush import decode_rle
-from backend.corrections import alpha_to_map
-from backend.label_config import CLASS_HOTKEYS, label_config_for
+from backend.corrections import alpha_to_map, brush_alpha, most_recent
+from backend.label_config import (
+    CHECK_HOTKEY,
+    CHECK_LABEL,
+    CLASS_HOTKEYS,
+    check_config,
+    label_config_for,
+)
 from model import load_checkpoint
 from model.edited_map import predict_with_map
 
@@ -91,6 +98,55 @@ def serpentine(box: tuple[float, float, float, float]) -> list[tuple[float, floa
     return points
 
 
+def cells_to_edit(prediction: dict[str, Any]) -> tuple[np.ndarray, tuple, tuple]:
+    """The predicted map, and the cells to paint (where the model looks least) and to erase
+    (where it looks most): both must be able to move."""
+    predicted = predicted_map(prediction)
+    low = np.unravel_index(np.argmin(predicted), predicted.shape)
+    high = np.unravel_index(np.argmax(predicted), predicted.shape)
+    assert low != high and predicted[low] < 0.8 and predicted[high] > 0.2, predicted
+    return predicted, low, high
+
+
+def predicted_map(prediction: dict[str, Any]) -> np.ndarray:
+    brush = next(r for r in prediction["result"] if r["type"] == "brushlabels")
+    return alpha_to_map(decode_rle(brush["value"]["rle"], SIDE, SIDE), MAP)
+
+
+def telling_edit(predicted: np.ndarray, checkpoint: Path, image: Path) -> tuple[tuple, tuple]:
+    """The cell to paint and the cell to erase that move the model's top-1 probability most,
+    so that the top-3 with the edited map must differ from the model's own."""
+    model, meta = load_checkpoint(checkpoint)
+    with Image.open(image) as img:
+        rgb = img.convert("RGB")
+    own = predict_with_map(model, meta, rgb, predicted).top[0][1]
+    cells = [tuple(int(i) for i in c) for c in np.ndindex(predicted.shape)]
+    moves = []
+    for low in (c for c in cells if predicted[c] < 0.8):
+        for high in (c for c in cells if predicted[c] > 0.2 and c != low):
+            edited = predicted.copy()
+            edited[low], edited[high] = 1.0, 0.0
+            moves.append(
+                (abs(predict_with_map(model, meta, rgb, edited).top[0][1] - own), low, high)
+            )
+    change, low, high = max(moves)
+    assert change > 0.01, f"no edit moves the top-1 by a point: {moves}"
+    return low, high
+
+
+def paint_and_erase(editor: Editor, low: tuple, high: tuple) -> None:
+    """With the predicted region selected: paint one cell, erase another, at the largest size."""
+    for _ in range(7):  # brush size 15 -> 50, the largest
+        editor.press("]")
+    editor.drag(serpentine(cell_box(*low)))
+    editor.shot("painted")
+    editor.press("e")  # the eraser
+    for _ in range(7):
+        editor.press("]")
+    editor.drag(serpentine(cell_box(*high)))
+    editor.shot("erased")
+
+
 def stage_pixels(editor: Editor) -> np.ndarray:
     png = editor.page.locator(".konvajs-content").first.screenshot()
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
@@ -114,13 +170,8 @@ def test_an_annotator_edits_the_map_in_the_browser(
     ml = ls.connect_ml_backend(pid, backend.base, "ABN")
     ls.retrieve_predictions(pid)
     [prediction] = ls.predictions(task_id)
-    brush = next(r for r in prediction["result"] if r["type"] == "brushlabels")
     predicted_class = next(r for r in prediction["result"] if r["type"] == "choices")
-    predicted = alpha_to_map(decode_rle(brush["value"]["rle"], SIDE, SIDE), MAP)
-    # Paint where the model looks least, erase where it looks most: both must be able to move.
-    low = np.unravel_index(np.argmin(predicted), predicted.shape)
-    high = np.unravel_index(np.argmax(predicted), predicted.shape)
-    assert low != high and predicted[low] < 0.8 and predicted[high] > 0.2, predicted
+    predicted, low, high = cells_to_edit(prediction)
     label = predicted_class["value"]["choices"][0]
     other = next(c for c in CLASSES if c != label)
 
@@ -139,20 +190,9 @@ def test_an_annotator_edits_the_map_in_the_browser(
         assert editor.find(r"1\. \w+\s+\d+\.\d%"), "the top-3 lines are not shown"
         assert page.locator("[data-testid=textarea-input]").count() == 0  # no box to type in
 
-        page.locator("[class*=outliner] .lsf-labels-list").first.click()
-        page.wait_for_timeout(500)
-        assert not editor.find("Select a region to view its properties"), "no region selected"
+        editor.select_region()
         editor.shot("region-selected")
-
-        for _ in range(7):  # brush size 15 -> 50, the largest
-            editor.press("]")
-        editor.drag(serpentine(cell_box(*low)))
-        editor.shot("painted")
-        editor.press("e")  # the eraser
-        for _ in range(7):
-            editor.press("]")
-        editor.drag(serpentine(cell_box(*high)))
-        editor.shot("erased")
+        paint_and_erase(editor, low, high)
 
         editor.press(CLASS_HOTKEYS[CLASSES.index(other)])
         editor.shot("class-changed")
@@ -200,13 +240,6 @@ def test_an_annotator_edits_the_map_in_the_browser(
         print(f"browser e2e: {time.monotonic() - started:.0f} s, screenshots in {shots}")
 
 
-CHECK = (
-    '  <KeyPointLabels name="check" toName="image" smart="true" smartOnly="true">\n'
-    '    <Label value="Check my map" background="#2d7dff" hotkey="j"/>\n'
-    "  </KeyPointLabels>\n"
-)
-
-
 def test_an_interactive_backend_hears_of_no_brush_stroke(
     label_studio: LabelStudioServer, backend: Loop, tmp_path: Path, shots: Path
 ) -> None:
@@ -215,8 +248,7 @@ def test_an_interactive_backend_hears_of_no_brush_stroke(
     saves a draft and calls nothing; a smart key point does call interactive-annotating, with
     only itself as the context, once the regions are hidden (else the click selects the brush)."""
     ls = label_studio
-    config = label_config_for(CLASSES).replace("</View>", CHECK + "</View>")
-    pid = ls.create_project("ABN interactive probe", config)["id"]
+    pid = ls.create_project("ABN interactive probe", label_config_for(CLASSES))["id"]
     [task_id] = ls.upload_image(pid, photo(tmp_path / "photo.png"))
     ls.connect_ml_backend(pid, backend.base, "ABN", is_interactive=True)
     ls.retrieve_predictions(pid)
@@ -232,11 +264,8 @@ def test_an_interactive_backend_hears_of_no_brush_stroke(
         )
         editor.login(ls.email, ls.password)
         editor.open_task(pid, task_id)
-        page.get_by_text("Auto-Annotation", exact=True).click()
-        page.get_by_text("Auto-Accept Suggestions").wait_for()
-        smart = page.locator(".lsf-tool_smart:visible").first
-        smart.hover()
-        page.locator(".lsf-tool_smart[aria-label=brush-tool]:visible").click()
+        editor.auto_annotation()
+        editor.smart_tool("brush-tool")
         editor.press("a")  # the Attention label: a smart-brush stroke makes a new region
         calls.clear()
         # The stroke is taken: the editor autosaves it as the user's draft (within seconds).
@@ -246,16 +275,11 @@ def test_an_interactive_backend_hears_of_no_brush_stroke(
         editor.shot("smart-brush-stroke")
         assert not [url for _, url in calls if "interactive-annotating" in url], calls
 
-        # The smart tools fold into one button; with one of them active it shows that tool's
-        # settings instead, so another tool is picked first.
-        page.locator("[aria-label=move-tool]:visible").first.click()
-        smart.hover()
-        page.locator(".lsf-tool_smart[aria-label=key-point-tool]:visible").click()
-        page.get_by_text("Check my map", exact=True).click()
+        editor.smart_tool("key-point-tool")
+        page.get_by_text(CHECK_LABEL, exact=True).click()
         editor.press("Control+h")  # hide the regions, so the click is not taken by the brush
-        box = editor.stage_box()
         with page.expect_request(lambda r: "interactive-annotating" in r.url) as asked:
-            page.mouse.click(box["x"] + box["width"] * 0.5, box["y"] + box["height"] * 0.5)
+            editor.click(0.5, 0.5)
         body = asked.value.post_data_json
         assert body["task"] == task_id
         assert [r["type"] for r in body["context"]["result"]] == ["keypointlabels"]
@@ -264,3 +288,114 @@ def test_an_interactive_backend_hears_of_no_brush_stroke(
         assert reply.json()["data"]["result"]  # Label Studio passed on what /predict answered
         editor.press("Control+h")
         editor.shot("check-point")
+
+
+def drafted_map(ls: LabelStudioServer, task_id: int) -> np.ndarray | None:
+    """The attention map of the user's latest draft as Label Studio keeps it, merged as the
+    backend merges it; None while there is no draft with a brush."""
+    draft = most_recent(ls.drafts(task_id))
+    targets = check_config(label_config_for(CLASSES), CLASSES)
+    merged = brush_alpha(draft["result"], targets) if draft else None
+    return None if merged is None else alpha_to_map(merged[0], MAP)
+
+
+def erased_draft(
+    ls: LabelStudioServer, task_id: int, cell: tuple, below: float
+) -> tuple[np.ndarray] | None:
+    """The drafted map once the erased `cell` is below `below` in it (the last stroke saved)."""
+    drafted = drafted_map(ls, task_id)
+    return (drafted,) if drafted is not None and drafted[cell] < below else None
+
+
+def playwright_key(hotkey: str) -> str:
+    """A Label Studio hotkey (``shift+c``) as Playwright presses it (``Shift+KeyC``)."""
+    *modifiers, key = hotkey.split("+")
+    name = f"Key{key.upper()}" if len(key) == 1 and key.isalpha() else key
+    return "+".join([*(m.capitalize() for m in modifiers), name])
+
+
+def percentages(lines: list[str]) -> list[tuple[str, float]]:
+    """``1. cat  43.5%`` lines back to (class, percent)."""
+    parsed = [line.split() for line in lines]
+    return [(words[1], float(words[2].rstrip("%"))) for words in parsed]
+
+
+def test_an_annotator_checks_the_edited_map_in_the_browser(
+    label_studio: LabelStudioServer,
+    backend: Loop,
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+    shots: Path,
+) -> None:
+    """Check my map (docs/loop.md, section 5): with the backend interactive and Auto-Annotation
+    on, the annotator edits the brush (a draft is saved), hides the regions, clicks a check
+    point; the top-3 box then shows the top-3 the served model gives with the drafted map."""
+    ls = label_studio
+    pid = ls.create_project("ABN check my map", label_config_for(CLASSES))["id"]
+    image = photo(tmp_path / "photo.png")
+    [task_id] = ls.upload_image(pid, image)
+    ls.connect_ml_backend(pid, backend.base, "ABN", is_interactive=True)
+    ls.retrieve_predictions(pid)
+    [prediction] = ls.predictions(task_id)
+    predicted = predicted_map(prediction)
+    low, high = telling_edit(predicted, tiny_checkpoint, image)
+    own = next(r for r in prediction["result"] if r["type"] == "textarea")["value"]["text"]
+    folder = shots / "check-my-map"
+    folder.mkdir()
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        editor = Editor(page, ls.url, folder)
+        editor.login(ls.email, ls.password)
+        editor.open_task(pid, task_id)
+        editor.auto_annotation()
+        editor.shot("auto-annotation-on")
+        editor.select_region()
+        paint_and_erase(editor, low, high)
+        # The editor autosaves the draft a few seconds after an edit: wait until Label
+        # Studio holds one with both strokes in it.
+        (drafted,) = wait_for(
+            lambda: erased_draft(ls, task_id, high, 0.4 * predicted[high]),
+            60,
+            "a draft with the erased cell",
+        )
+        editor.shot("draft-saved")
+
+        # The label alone does not switch to its tool: the smart key point is picked from the
+        # smart tools' button (the last of the toolbar), then its label by its hotkey.
+        editor.smart_tool("key-point-tool")
+        editor.press(playwright_key(CHECK_HOTKEY))
+        editor.press("Control+h")  # hide the regions, so the click is not taken by the brush
+        editor.shot("check-tool")
+        with page.expect_response(lambda r: "interactive-annotating" in r.url) as asked:
+            editor.click(0.5, 0.5)
+        [answer] = asked.value.json()["data"]["result"]
+        lines = answer["value"]["text"]
+        assert lines[0].startswith("With your map the model says "), lines
+        for line in lines:  # the top-3 box shows them, in place of the model's own
+            page.get_by_text(line, exact=True).wait_for(timeout=30_000)
+        editor.shot("checked")
+        editor.press("Control+h")  # hides the new point too: not all were hidden
+        editor.press("Control+h")  # shows them all
+        editor.shot("checked-regions-shown")
+        assert np.array_equal(drafted_map(ls, task_id), drafted)  # the check left the brush
+        page.get_by_role("button", name="Submit").click()
+        page.get_by_text("Annotation saved successfully", exact=True).first.wait_for(timeout=60_000)
+        editor.shot("submitted")
+
+    # The backend painted the draft's strokes as the editor paints them on submission.
+    [stored] = wait_for(
+        lambda: [c for c in backend.store().corrections(str(pid)) if c.task_id == task_id],
+        30,
+        "the submitted correction in the backend's store",
+    )
+    np.testing.assert_allclose(drafted, stored.target, atol=0.03)
+    model, meta = load_checkpoint(tiny_checkpoint)
+    with Image.open(image) as img:
+        want = predict_with_map(model, meta, img.convert("RGB"), drafted).top
+        submitted = predict_with_map(model, meta, img.convert("RGB"), stored.target).top
+    shown = percentages(lines[1:4])
+    assert [name for name, _ in shown] == [name for name, _ in want]
+    np.testing.assert_allclose([p for _, p in shown], [100 * p for _, p in want], atol=0.051)
+    np.testing.assert_allclose([p for _, p in shown], [100 * p for _, p in submitted], atol=0.5)
+    assert lines[1:4] != own, "the edit did not change the top-3: the check shows nothing new"
+    assert lines[4] == "With its own map: " + "   ".join(own)
