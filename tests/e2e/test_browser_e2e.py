@@ -6,6 +6,9 @@ the config ``abn label-config`` prints: the task opens with the predicted brush 
 region is selected in the Regions panel, one area is painted and another erased, the class is
 changed by its hotkey, the annotation is submitted. The stored correction must then have moved
 where the strokes went, and the worker must record the top-3 the model gives with that map.
+With the backend connected as interactive, the annotator also checks an edited map before
+submitting ("check my map", docs/loop.md section 5): the top-3 box must then show the top-3
+the model gives with the drafted map; and a brush stroke must reach the backend only as a draft.
 
 Screenshots of each step go to ``$ABN_BROWSER_SHOTS`` or ``runs/browser-e2e/<timestamp>/``.
 """
@@ -26,7 +29,7 @@ from PIL import Image, ImageDraw
 from processes import ROOT, Loop, running_backend, wait_for
 
 from backend.brush import decode_rle
-from backend.corrections import alpha_to_map, brush_alpha, most_recent
+from backend.corrections import Correction, alpha_to_map, brush_alpha, most_recent
 from backend.label_config import (
     CHECK_HOTKEY,
     CHECK_LABEL,
@@ -147,6 +150,23 @@ def paint_and_erase(editor: Editor, low: tuple, high: tuple) -> None:
     editor.shot("erased")
 
 
+def submit(editor: Editor) -> None:
+    """Submit, and wait for the editor to say it is saved (the webhook has been sent)."""
+    editor.page.get_by_role("button", name="Submit").click()
+    saved = editor.page.get_by_text("Annotation saved successfully", exact=True).first
+    saved.wait_for(timeout=60_000)
+    editor.shot("submitted")
+
+
+def stored_correction(backend: Loop, project: int, task_id: int) -> Correction:
+    [stored] = wait_for(
+        lambda: [c for c in backend.store().corrections(str(project)) if c.task_id == task_id],
+        30,
+        "the submitted correction in the backend's store",
+    )
+    return stored
+
+
 def stage_pixels(editor: Editor) -> np.ndarray:
     png = editor.page.locator(".konvajs-content").first.screenshot()
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
@@ -196,15 +216,9 @@ def test_an_annotator_edits_the_map_in_the_browser(
 
         editor.press(CLASS_HOTKEYS[CLASSES.index(other)])
         editor.shot("class-changed")
-        page.get_by_role("button", name="Submit").click()
-        page.get_by_text("Annotation saved successfully", exact=True).first.wait_for(timeout=60_000)
-        editor.shot("submitted")
+        submit(editor)
 
-    [stored] = wait_for(
-        lambda: [c for c in backend.store().corrections(str(pid)) if c.task_id == task_id],
-        30,
-        "the submitted correction in the backend's store",
-    )
+    stored = stored_correction(backend, pid, task_id)
     assert stored.edited and stored.label == other and stored.model_version == "v1"
     target = stored.target
     # Higher where painted, lower where erased, and the untouched cells as predicted.
@@ -378,16 +392,10 @@ def test_an_annotator_checks_the_edited_map_in_the_browser(
         editor.press("Control+h")  # shows them all
         editor.shot("checked-regions-shown")
         assert np.array_equal(drafted_map(ls, task_id), drafted)  # the check left the brush
-        page.get_by_role("button", name="Submit").click()
-        page.get_by_text("Annotation saved successfully", exact=True).first.wait_for(timeout=60_000)
-        editor.shot("submitted")
+        submit(editor)
 
     # The backend painted the draft's strokes as the editor paints them on submission.
-    [stored] = wait_for(
-        lambda: [c for c in backend.store().corrections(str(pid)) if c.task_id == task_id],
-        30,
-        "the submitted correction in the backend's store",
-    )
+    stored = stored_correction(backend, pid, task_id)
     np.testing.assert_allclose(drafted, stored.target, atol=0.03)
     model, meta = load_checkpoint(tiny_checkpoint)
     with Image.open(image) as img:
