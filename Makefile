@@ -82,6 +82,11 @@ results: $(VENV)/.installed
 	$(BIN)/python -m model round-study --data decoy-digits --out docs/results/round-study \
 		--work-dir runs/round-study --strategies random,least-confident,misclassified,map-entropy \
 		--rounds 6 --size 20 --seeds 0,1 --epochs 6 --finetune-epochs 5 --image-size 64 --device cpu
+	$(BIN)/python -m model round-study --data texture-shapes \
+		--out docs/results/round-study-texture-shapes --work-dir runs/round-study \
+		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
+		--rounds 5 --size 20 --seeds 0,1 --epochs 4 --finetune-epochs 4 --image-size 64 \
+		--device cpu --counterfactuals 4 --learning-stages 1
 	$(BIN)/python -m model reproduce --data texture-shapes \
 		--out docs/results/objectives/texture-shapes --objective counterfactual \
 		--objective dont-look --objective counterfactual-layer3 --seeds 0,1,2 --epochs 4 \
