@@ -347,7 +347,7 @@ def write_study(result: StudyResult, settings: StudySettings, out_dir: Path, com
         counts = [v for k, v in result.facts.items() if k.startswith("shortcut_images")]
         intro += [
             "",
-            '"Accuracy where the shortcut misleads" is on the validation images whose decoy '
+            '"Accuracy where the shortcut misleads" is on the validation images whose cue '
             f"names another class ({', '.join(f'{c:g}' for c in counts)} per seed): few images, "
             "so a single image moves it by several points.",
         ]
