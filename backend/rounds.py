@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from backend.brush import BrushDecodeError, decode_rle
-from backend.corrections import CorrectionError, brush_alpha, chosen_class, latest_annotation
+from backend.corrections import (
+    Correction,
+    CorrectionError,
+    brush_alpha,
+    chosen_class,
+    latest_annotation,
+)
 from backend.label_config import Targets, config_classes, targets_for
 from backend.label_studio import LabelStudioAPI, LabelStudioAPIError
 from backend.registry import ModelRegistry, RegistryError, answering
@@ -150,11 +156,11 @@ def candidates(
     return out, {reason: n for reason, n in left_out.items() if n}
 
 
-def corrected_maps(store: LoopStore, project: str) -> list[CorrectedMap]:
+def corrected_maps(corrections: list[Correction]) -> list[CorrectedMap]:
     """The maps annotators left on the project's corrected tasks, with their class."""
     return [
         CorrectedMap(c.label, c.target)
-        for c in store.corrections(project)
+        for c in corrections
         if c.edited and c.label is not None and c.target is not None
     ]
 
@@ -217,9 +223,8 @@ def make_round(
         version = project_version(settings, key, config.classes)
         targets = config.targets
         store = LoopStore(settings.layout.corrections_db)
-        corrected = {
-            c.task_id for c in store.corrections(key) if c.edited and c.model_version == version
-        }
+        corrections = store.corrections(key)  # read once: the exclusions and the maps
+        corrected = {c.task_id for c in corrections if c.edited and c.model_version == version}
         with_maps = strategy in ("map-entropy", "map-disagreement")
         pool, left_out = candidates(api.tasks(project), targets, version, corrected, with_maps)
         if not pool:
@@ -228,7 +233,7 @@ def make_round(
                 f"({', '.join(f'{n} {r}' for r, n in left_out.items()) or 'no tasks'}); "
                 "retrieve predictions first"
             )
-        chosen = select(pool, strategy, size, seed, corrected=corrected_maps(store, key))
+        chosen = select(pool, strategy, size, seed, corrected=corrected_maps(corrections))
         if len(chosen) < size:
             log.warning(
                 "project %s: only %d task(s) left for a round of %d", project, len(chosen), size
