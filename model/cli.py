@@ -338,6 +338,12 @@ def add_round_study_options(p: argparse.ArgumentParser) -> None:
         default=d.learning_stages,
         help="trunk stages that learn in each round (0: the branches only)",
     )
+    p.add_argument(
+        "--replay",
+        type=int,
+        default=d.replay,
+        help="uncorrected pool images each round also learns from by class only (0: none)",
+    )
 
 
 def cmd_round_study(args: argparse.Namespace) -> None:
@@ -357,6 +363,7 @@ def cmd_round_study(args: argparse.Namespace) -> None:
         device=args.device,
         counterfactual_copies=args.counterfactuals,
         learning_stages=args.learning_stages,
+        replay=args.replay,
     )
     data = resolve_data(args.data)
     result = run_study(data, args.work_dir, settings)

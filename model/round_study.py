@@ -6,13 +6,16 @@ validation split carved from it (``model/paper/sweep.py``'s carving; the test sp
 read), then for each strategy of ``model/selection.py`` a copy of it goes through `rounds`
 rounds of `size`: the strategy ranks the tasks not corrected yet by what the current model says
 of them, the oracle corrects the first `size`, and the model's branches are fine-tuned
-(``model/train.py``'s ``finetune``) on every correction made so far, as a project's round
-learns from all of its labelled tasks. The objective is the paper's by default; with
-`counterfactual_copies` and `learning_stages` it is the one a round runs with
-``ABN_COUNTERFACTUALS`` and ``ABN_LEARNING_STAGES`` (``model/round.py``). After each round the
-model is scored on the validation split with the gate's own scoring (``model/round.py``'s
-``score``: accuracy, and map distance to the human maps), and, on a shortcut dataset
-(``model/paper/shortcut.py``), on the validation images whose cue names another class.
+(``model/train.py``'s ``finetune``) on every correction made so far. With `replay`, each round
+also learns from that many of the pool's other images by their class alone (drawn afresh each
+round; their maps stay unseen), as a project's round learns from its class-only labelled tasks:
+without them a round of a few corrections can undo what the first model knew. The objective
+is the paper's by default; with `counterfactual_copies` and `learning_stages` it is the one a
+round runs with ``ABN_COUNTERFACTUALS`` and ``ABN_LEARNING_STAGES`` (``model/round.py``).
+After each round the model is scored on the validation split with the gate's own scoring
+(``model/round.py``'s ``score``: accuracy, and map distance to the human maps), and, on a
+shortcut dataset (``model/paper/shortcut.py``), on the validation images whose cue names
+another class.
 
     python -m model round-study --data decoy-digits --out docs/results/round-study
 
@@ -71,6 +74,7 @@ class StudySettings:
     device: str = "auto"
     counterfactual_copies: int = 0  # per corrected image; 0: the paper's objective
     learning_stages: int = 0  # trunk stages that learn too
+    replay: int = 0  # uncorrected pool images each round also learns from, by class only
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,24 @@ def train_config(settings: StudySettings, seed: int, epochs: int) -> TrainConfig
     )
 
 
+def round_examples(
+    pool: Split, corrected: Sequence[int], replay: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a round fine-tunes on: the pool indices and which of them show their human map.
+
+    The corrected images come first, with their maps where the dataset has one; then `replay`
+    of the others (all of them when fewer are left), drawn with `seed`, by class only.
+    """
+    chosen = set(corrected)
+    others = torch.tensor([i for i in range(len(pool.labels)) if i not in chosen], dtype=torch.long)
+    order = torch.randperm(len(others), generator=torch.Generator().manual_seed(seed))
+    replayed = others[order[:replay]]
+    index = torch.cat([torch.tensor(list(corrected), dtype=torch.long), replayed])
+    has_map = torch.zeros(len(index), dtype=torch.bool)
+    has_map[: len(corrected)] = pool.has_map[index[: len(corrected)]]
+    return index, has_map
+
+
 def run_strategy(
     base: ABN,
     meta: CheckpointMeta,
@@ -191,12 +213,12 @@ def run_strategy(
             candidates, strategy, settings.size, seed=seed * 1000 + number, corrected=done
         )
         corrected += [c.task_id for c in chosen]
-        index = torch.tensor(corrected)
+        index, has_map = round_examples(pool, corrected, settings.replay, seed * 1000 + number)
         dataset = with_counterfactuals(
             pool.images[index],
             pool.labels[index],
-            pool.maps[index],
-            pool.has_map[index],
+            pool.maps[index] * has_map.view(-1, 1, 1, 1),
+            has_map,
             settings.counterfactual_copies,
             seed * 1000 + number,
         )
@@ -243,6 +265,8 @@ def run_study(data_dir: str | Path, work_dir: str | Path, settings: StudySetting
     unknown = sorted(set(settings.strategies) - set(STRATEGIES))
     if unknown:
         raise ValueError(f"unknown strategies {unknown}; one of {', '.join(STRATEGIES)}")
+    if settings.replay < 0:
+        raise ValueError(f"replay must be 0 or more images, not {settings.replay}")
     work_dir = Path(work_dir) / Path(data_dir).name  # a first model per dataset
     work_dir.mkdir(parents=True, exist_ok=True)
     result = StudyResult(points=[])

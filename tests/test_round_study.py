@@ -11,10 +11,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_image_dataset
 from PIL import Image
 
-from model.round_study import StudySettings, run_study, train_config, write_study
+from model.round_study import (
+    Split,
+    StudySettings,
+    round_examples,
+    run_study,
+    train_config,
+    write_study,
+)
 
 SETTINGS = StudySettings(
     strategies=("random", "least-confident"),
@@ -83,7 +91,27 @@ def test_an_unknown_strategy_is_refused_before_any_training(tmp_path: Path) -> N
     bad = StudySettings(strategies=("random", "best"), seeds=(0,))
     with pytest.raises(ValueError, match=r"unknown strategies \['best'\]"):
         run_study(tmp_path / "nowhere", tmp_path / "work", bad)
+    with pytest.raises(ValueError, match="replay must be 0 or more images, not -1"):
+        run_study(tmp_path / "nowhere", tmp_path / "work", StudySettings(replay=-1))
     assert not (tmp_path / "work").exists()
+
+
+def test_a_round_learns_from_its_corrections_with_maps_and_replayed_images_by_class_only() -> None:
+    maps = torch.rand(10, 1, 4, 4)
+    has_map = torch.tensor([True] * 9 + [False])
+    pool = Split(torch.zeros(10, 3, 8, 8), torch.arange(10) % 2, maps, has_map)
+    index, shown = round_examples(pool, [9, 3, 5], replay=4, seed=7)
+    assert index[:3].tolist() == [9, 3, 5]  # the corrections first, each once
+    assert shown.tolist() == [False, True, True] + [False] * 4  # 9 has no map to show
+    replayed = index[3:].tolist()
+    assert len(set(replayed)) == 4 and not set(replayed) & {9, 3, 5}
+    assert round_examples(pool, [9, 3, 5], replay=4, seed=7)[0].tolist() == index.tolist()
+    assert round_examples(pool, [9, 3, 5], replay=4, seed=8)[0].tolist() != index.tolist()
+    # More replay than images left: every other image, still once each.
+    everything, _ = round_examples(pool, [9, 3, 5], replay=100, seed=7)
+    assert sorted(everything.tolist()) == list(range(10))
+    nothing, none_shown = round_examples(pool, [9, 3, 5], replay=0, seed=7)
+    assert nothing.tolist() == [9, 3, 5] and none_shown.tolist() == [False, True, True]
 
 
 def with_cues(data: Path, classes: list[str]) -> Path:
@@ -132,3 +160,9 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     text = write_study(other, objective, tmp_path / "report", "round-study").read_text()
     assert "On accuracy where the shortcut misleads:" in text
     assert "counterfactual_copies=2, learning_stages=1" in text
+    # Replayed class-only images reach the rounds too.
+    replayed = run_study(data, tmp_path / "work", replace(settings, replay=3))
+    assert replayed.points[0].map_mse == pytest.approx(paper.points[0].map_mse)
+    assert [p.map_mse for p in replayed.points[1:]] != pytest.approx(
+        [p.map_mse for p in paper.points[1:]]
+    )

@@ -29,7 +29,7 @@ DIGIT = 32
 PATCH = 10
 # How bright the digit's strokes are drawn (1: full white). Faint strokes make the patch the
 # easier cue, so that an ABN trained on the dataset does learn the shortcut it is meant to show.
-INK = 1.0
+INK = 0.25
 # Ten well-separated hues, one per class.
 COLOURS = [
     (230, 25, 75),
@@ -67,7 +67,7 @@ def render(
     return Image.fromarray(canvas), human_map
 
 
-def build_decoy_digits(out_dir: str | Path, correlation: float = 0.9, seed: int = 0) -> Path:
+def build_decoy_digits(out_dir: str | Path, correlation: float = 0.95, seed: int = 0) -> Path:
     """Write the dataset in the on-disk layout; the same seed gives the same bytes."""
     out_dir = Path(out_dir)
     marker = out_dir / "dataset.json"
