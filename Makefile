@@ -85,12 +85,16 @@ results: $(VENV)/.installed
 	$(BIN)/python -m model round-study --data texture-shapes \
 		--out docs/results/round-study-texture-shapes --work-dir runs/round-study \
 		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
-		--rounds 5 --size 20 --seeds 0,1 --epochs 4 --finetune-epochs 4 --image-size 64 \
-		--device cpu --counterfactuals 4 --learning-stages 1
+		--rounds 5 --size 20 --seeds 0,1,2 --epochs 4 --finetune-epochs 4 --image-size 64 \
+		--device cpu --counterfactuals 4 --learning-stages 1 --replay 200
 	$(BIN)/python -m model reproduce --data texture-shapes \
 		--out docs/results/objectives/texture-shapes --objective counterfactual \
 		--objective dont-look --objective counterfactual-layer3 --seeds 0,1,2 --epochs 4 \
 		--finetune-epochs 4 --image-size 64
+	$(BIN)/python -m model reproduce --data decoy-digits \
+		--out docs/results/objectives/decoy-digits --objective counterfactual \
+		--objective dont-look --objective counterfactual-layer3 --seeds 0,1,2 --epochs 10 \
+		--finetune-epochs 5 --image-size 64
 
 # Builds the image and runs backend, worker and Redis from it (podman and buildah, as root):
 # a prediction, a correction and a training to a new version, then removes everything.
