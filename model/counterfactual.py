@@ -9,6 +9,11 @@ copies go through the frozen trunk once, like every other example (the trunk cac
 
 The blend is soft: the map, upsampled to the image size, is the weight of the original pixel,
 so a graded map keeps a graded share of the original.
+
+With `guides`, every example is copied, not only the corrected ones: an example without a human
+map is cut by its guide, the attention map of a model that has already learnt from the human
+maps where to look. A few corrections then break the cue on every labelled image; the copies of
+such an example still carry no human map, so the map loss stays on what a human drew.
 """
 
 from __future__ import annotations
@@ -54,11 +59,22 @@ def with_counterfactuals(
     has_map: torch.Tensor,
     copies: int,
     seed: int,
+    guides: torch.Tensor | None = None,
 ) -> InMemoryMapsDataset:
     """The fine-tuning set, plus `copies` counterfactual copies of each mapped example (each
-    with its original's label and map); `copies=0` gives the set unchanged."""
+    with its original's label and map); `copies=0` gives the set unchanged.
+
+    `guides` (N, 1, h, w), the maps that cut the examples without a human map: with them every
+    example is copied (a human map, where there is one, still decides its own copies).
+    """
+    cut_by, copied = maps, has_map
+    if guides is not None:
+        if guides.shape != maps.shape:
+            raise ValueError(f"guides must be shaped like the maps {tuple(maps.shape)}")
+        cut_by = torch.where(has_map.bool().view(-1, 1, 1, 1), maps, guides.to(maps.dtype))
+        copied = torch.ones_like(has_map, dtype=torch.bool)
     extra, source = counterfactuals(
-        images, maps, has_map, copies, torch.Generator().manual_seed(seed)
+        images, cut_by, copied, copies, torch.Generator().manual_seed(seed)
     )
     return InMemoryMapsDataset(
         torch.cat([images, extra]),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from model import build_abn
 from model.checkpoint import make_meta
-from model.counterfactual import counterfactuals
+from model.counterfactual import counterfactuals, with_counterfactuals
 from model.round import Examples, GateMargins, run_round
 from model.train import TrainConfig
 
@@ -39,6 +40,36 @@ def test_nothing_to_copy() -> None:
         len(counterfactuals(images[:1], maps[:1], torch.ones(1, dtype=torch.bool), 2, generator)[0])
         == 0
     )
+
+
+def test_guides_copy_every_image_and_the_human_map_still_cuts_its_own() -> None:
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    maps = torch.zeros(4, 1, 2, 2)
+    maps[:, :, :, 0] = 1.0  # the human: look at the left half
+    has_map = torch.tensor([True, False, False, False])
+    guides = torch.zeros(4, 1, 2, 2)
+    guides[:, :, :, 1] = 1.0  # the model: look at the right half
+    grown = with_counterfactuals(images, torch.arange(4), maps, has_map, 2, 0, guides)
+    assert len(grown) == 4 + 4 * 2  # every image copied, not only the mapped one
+    assert grown.labels[4:].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # Only copies of the human-mapped image carry a map for the loss; guides are no target.
+    assert grown.has_map[4:].tolist() == [True, True] + [False] * 6
+    for copy, i in zip(grown.images[4:], grown.labels[4:].tolist(), strict=True):
+        kept = slice(0, 2) if i == 0 else slice(6, 8)  # human map's side, else the guide's
+        swapped = slice(6, 8) if i == 0 else slice(0, 2)
+        assert torch.all(copy[:, :, kept] == float(i))
+        assert not torch.any(copy[:, :, swapped] == float(i))
+    plain = with_counterfactuals(images, torch.arange(4), maps, has_map, 2, 0)
+    assert len(plain) == 4 + 2  # without guides: the mapped image only
+
+
+def test_guides_shaped_unlike_the_maps_are_refused() -> None:
+    images, maps = torch.zeros(3, 3, 8, 8), torch.zeros(3, 1, 2, 2)
+    with pytest.raises(ValueError, match="guides must be shaped like the maps"):
+        with_counterfactuals(
+            images, torch.zeros(3, dtype=torch.long), maps, torch.ones(3, dtype=torch.bool),
+            2, 0, torch.zeros(3, 1, 4, 4),
+        )  # fmt: skip
 
 
 def test_a_round_trains_on_its_counterfactual_copies() -> None:

@@ -88,6 +88,16 @@ def test_counterfactual_copies_join_the_fine_tuning_set() -> None:
     assert grown.labels[6:].tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def test_a_guide_model_copies_every_image_by_its_own_map() -> None:
+    base = tiny_set(6)
+    base.has_map[3:] = False
+    guide = build_abn("resnet18", 3).eval()
+    grown = counterfactual_dataset(base, copies=2, seed=0, guide=guide)
+    assert len(grown) == 6 + 6 * 2
+    assert grown.has_map[6:].tolist() == [True] * 6 + [False] * 6
+    assert grown.labels[6:].tolist() == [0, 0, 1, 1, 2, 2, 0, 0, 1, 1, 2, 2]
+
+
 def test_texture_shapes_is_deterministic_and_records_its_cues(tmp_path: Path) -> None:
     data = build_texture_shapes(tmp_path / "a")
     again = build_texture_shapes(tmp_path / "b")
@@ -142,16 +152,18 @@ def test_reproduce_objective_writes_every_model_and_the_paired_tests(
         [
             "reproduce", "--data", "texture-shapes", "--out", "results",
             "--objective", "counterfactual", "--objective", "dont-look",
+            "--objective", "counterfactual-propagated",
             "--seeds", "0,1", "--epochs", "1", "--finetune-epochs", "1",
             "--image-size", "32", "--device", "cpu",
         ]
     )  # fmt: skip
     report = (tmp_path / "results" / "report.md").read_text()
     metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
-    assert set(metrics["models"]) == {"abn", "bound", "proposed", "control", "counterfactual",
-                                      "dont-look"}  # fmt: skip
+    objectives = {"proposed", "control", "counterfactual", "dont-look", "counterfactual-propagated"}
+    assert set(metrics["models"]) == {"abn", "bound", *objectives}
     assert len(metrics["models"]["counterfactual"]["test_top1"]) == 2
-    assert metrics["chosen_on_validation"] in {"proposed", "control", "counterfactual", "dont-look"}
+    assert metrics["chosen_on_validation"] in objectives
+    assert "counterfactual-propagated vs proposed" in report
     assert "counterfactual vs proposed" in report and "dont-look vs control" in report
     assert "proposed vs control" in report and "control vs proposed" not in report
     assert "bound: ABN without the shortcut" in report

@@ -41,6 +41,7 @@ from model.metrics import map_mse
 from model.paper.reproduce import finetune_dataset, select_samples
 from model.paper.shortcut import conflicting
 from model.paper.sweep import carve_validation
+from model.round import predict_all
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class Objective:
     counterfactual_copies: int = 0
     dont_look: float = 0.0
     learning_stages: int = 0
+    # Copy every training image, cut by the maps a first fine-tune (the paper's) has learnt
+    # from the corrected ones (model/counterfactual.py's `guides`); the round starts from it.
+    propagate: bool = False
 
 
 OBJECTIVES = {
@@ -81,6 +85,14 @@ OBJECTIVES = {
             "counterfactual, and the trunk's last stage (layer3) learns too",
             counterfactual_copies=4,
             learning_stages=1,
+        ),
+        Objective(
+            "counterfactual-propagated",
+            "proposed first; then 2 counterfactual copies of every training image, cut by the "
+            "human map or else by the proposed model's own map, layer3 learning",
+            counterfactual_copies=2,
+            learning_stages=1,
+            propagate=True,
         ),
     )
 }
@@ -133,13 +145,21 @@ def score(
 
 
 def counterfactual_dataset(
-    dataset: AttentionDataset | InMemoryMapsDataset, copies: int, seed: int
+    dataset: AttentionDataset | InMemoryMapsDataset,
+    copies: int,
+    seed: int,
+    guide: ABN | None = None,
+    device: torch.device | None = None,
 ) -> InMemoryMapsDataset:
-    """The fine-tuning set as tensors, plus counterfactual copies of its mapped images."""
+    """The fine-tuning set as tensors, plus counterfactual copies of its mapped images, or,
+    with a `guide` model, of every image (cut by the guide's attention where no human map is)."""
     images, labels, maps, has_map = (
         torch.cat(parts) for parts in zip(*DataLoader(dataset, batch_size=256), strict=True)
     )
-    return with_counterfactuals(images, labels, maps, has_map, copies, seed)
+    guides = None
+    if guide is not None:
+        _, guides = predict_all(guide, images, device or torch.device("cpu"), 256)
+    return with_counterfactuals(images, labels, maps, has_map, copies, seed, guides)
 
 
 def run_seed(
@@ -178,10 +198,26 @@ def run_seed(
     for objective in objectives:
         started = time.perf_counter()
         dataset = finetune_dataset(carved, meta, picked)
+        start = abn
+        if objective.propagate:
+            start, _ = finetune(
+                copy.deepcopy(abn),
+                meta,
+                config=ft_config,
+                gamma=objective.gamma,
+                dataset=dataset,
+                data_label=f"{data_dir.name}: {objective.name}, its guide",
+            )
         if objective.counterfactual_copies:
-            dataset = counterfactual_dataset(dataset, objective.counterfactual_copies, config.seed)
+            dataset = counterfactual_dataset(
+                dataset,
+                objective.counterfactual_copies,
+                config.seed,
+                guide=start if objective.propagate else None,
+                device=device,
+            )
         tuned, _ = finetune(
-            copy.deepcopy(abn),
+            copy.deepcopy(start),
             meta,
             config=ft_config,
             gamma=objective.gamma,
