@@ -98,6 +98,9 @@ class Settings:
     # the paper's; the trunk is then cached). ABN_COUNTERFACTUALS=4 with 1 is what the
     # shortcut study chose on validation (docs/results/objectives/).
     learning_stages: int = 0
+    # ABN_GUIDED_COPIES: with ABN_COUNTERFACTUALS, copy every training task, class-only ones
+    # too, cut by the map a first fine-tune learnt where no human drew one (model/round.py).
+    guided_copies: bool = False
     verdict_tab: bool = True  # ABN_VERDICT_TAB: each round's verdict as a Data Manager tab
     gate_accuracy_margin: float = 0.05  # ABN_GATE_ACCURACY_MARGIN: accuracy it may lose
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
@@ -178,6 +181,7 @@ class Settings:
             holdout_fraction=_float(env, "ABN_HOLDOUT_FRACTION", defaults.holdout_fraction),
             counterfactuals=_int(env, "ABN_COUNTERFACTUALS", defaults.counterfactuals, 0, 64),
             learning_stages=_int(env, "ABN_LEARNING_STAGES", defaults.learning_stages, 0, 3),
+            guided_copies=_bool(env, "ABN_GUIDED_COPIES", defaults.guided_copies),
             verdict_tab=_bool(env, "ABN_VERDICT_TAB", defaults.verdict_tab),
             gate_accuracy_margin=_float(
                 env, "ABN_GATE_ACCURACY_MARGIN", defaults.gate_accuracy_margin, positive=False

@@ -286,6 +286,7 @@ def run_project_round(
         progress=on_epoch,
         counterfactual_copies=settings.counterfactuals,
         learning_stages=settings.learning_stages,
+        guided_copies=settings.guided_copies,
     )
     trained_ids = [kept[i].annotation_id for i in outcome.trained]
     gate_record = {

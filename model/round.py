@@ -38,6 +38,7 @@ import torch
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta
 from model.counterfactual import with_counterfactuals
+from model.data import InMemoryMapsDataset
 from model.metrics import map_mse
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune
 
@@ -310,6 +311,7 @@ def run_round(
     progress: Callable[[dict[str, Any]], None] | None = None,
     counterfactual_copies: int = 0,
     learning_stages: int = 0,
+    guided_copies: bool = False,
 ) -> RoundOutcome:
     """Split, fine-tune `model`'s branches (in place), and gate it against how it was before.
 
@@ -317,6 +319,9 @@ def run_round(
     map join the training share (``model/counterfactual.py``); 0 is the paper's objective.
     `learning_stages`: the trunk's last k stages learn too (:func:`model.train.freeze_trunk`);
     together with counterfactual copies, the objective the shortcut study chose on validation.
+    `guided_copies`: the branches first learn with the paper's objective, and then every
+    training example is copied, one without a map cut by the map the model has just learnt to
+    give it (the study's ``counterfactual-propagated``).
     """
     if len(examples) == 0:
         raise ValueError("a round needs at least one example")
@@ -342,8 +347,19 @@ def run_round(
         examples.maps[trained],
         with_map[trained],
     )
+    guides = None
+    if guided_copies and counterfactual_copies:
+        model, _ = finetune(
+            model,
+            meta,
+            config=config,
+            gamma=gamma,
+            dataset=InMemoryMapsDataset(images, labels, maps, has_map),
+            data_label=f"{data_label}, the copies' guide",
+        )
+        _, guides = predict_all(model, images, device, config.batch_size)
     dataset = with_counterfactuals(
-        images, labels, maps, has_map, counterfactual_copies, config.seed
+        images, labels, maps, has_map, counterfactual_copies, config.seed, guides
     )
     tuned, new_meta = finetune(
         model,
@@ -356,6 +372,7 @@ def run_round(
         learning_stages=learning_stages,
     )
     new_meta["settings"]["counterfactual_copies"] = counterfactual_copies
+    new_meta["settings"]["guided_copies"] = guides is not None
     after = score(
         *predict_all(tuned, examples.images[held], device, config.batch_size),
         examples.labels[held],

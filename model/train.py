@@ -365,6 +365,7 @@ def finetune(
             "dont_look": dont_look,
             "learning_stages": learning_stages,
             "data": data_label,
+            "examples": len(dataset),  # counterfactual copies included
             "finetuned_from": meta.get("settings"),
         },
         history=history,

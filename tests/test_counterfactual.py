@@ -8,7 +8,7 @@ import torch
 from model import build_abn
 from model.checkpoint import make_meta
 from model.counterfactual import counterfactuals, with_counterfactuals
-from model.round import Examples, GateMargins, run_round
+from model.round import Examples, GateMargins, RoundOutcome, run_round
 from model.train import TrainConfig
 
 
@@ -95,3 +95,32 @@ def test_a_round_trains_on_its_counterfactual_copies() -> None:
     )
     assert outcome.meta["settings"]["counterfactual_copies"] == 2 and seen == [1]
     assert outcome.before.count == len(outcome.held_out)  # the gate sees no copy
+
+
+def test_a_guided_round_copies_its_class_only_examples_too() -> None:
+    examples = Examples(
+        images=torch.randn(12, 3, 32, 32),
+        labels=torch.tensor([0, 1] * 6),
+        maps=torch.rand(12, 1, 2, 2),
+        keys=tuple(range(12)),
+        has_map=torch.tensor([True] * 4 + [False] * 8),  # 8 tasks labelled by class only
+    )
+    meta = make_meta("abn", "resnet18", ["a", "b"], image_size=32)
+    config = TrainConfig(epochs=1, batch_size=64, device="cpu")
+
+    def round_with(guided: bool) -> RoundOutcome:
+        torch.manual_seed(0)
+        return run_round(
+            build_abn("resnet18", 2), meta, examples, config,
+            margins=GateMargins(min_evidence=1), holdout_fraction=0.3,
+            counterfactual_copies=2, guided_copies=guided,
+        )  # fmt: skip
+
+    plain, guided = round_with(False), round_with(True)
+    assert plain.trained == guided.trained  # the same split
+    mapped = sum(1 for i in plain.trained if i < 4)
+    trained = len(plain.trained)
+    assert plain.meta["settings"]["examples"] == trained + 2 * mapped
+    assert guided.meta["settings"]["examples"] == trained + 2 * trained  # every one copied
+    assert guided.meta["settings"]["guided_copies"] and not plain.meta["settings"]["guided_copies"]
+    assert guided.before == plain.before  # judged against the same served model

@@ -175,16 +175,20 @@ def test_a_round_learns_from_every_labelled_task_and_never_twice_from_the_same(
 
 def test_the_round_objective_settings_are_read_and_bad_values_refused() -> None:
     defaults = Settings.from_env({})
-    assert (defaults.learning_stages, defaults.counterfactuals, defaults.verdict_tab) == (
-        0,
-        0,
-        True,
-    )
+    assert (
+        defaults.learning_stages,
+        defaults.counterfactuals,
+        defaults.guided_copies,
+        defaults.verdict_tab,
+    ) == (0, 0, False, True)
     chosen = Settings.from_env(
-        {"ABN_LEARNING_STAGES": "1", "ABN_COUNTERFACTUALS": "4", "ABN_VERDICT_TAB": "0"}
-    )
+        {"ABN_LEARNING_STAGES": "1", "ABN_COUNTERFACTUALS": "4", "ABN_GUIDED_COPIES": "1",
+         "ABN_VERDICT_TAB": "0"}
+    )  # fmt: skip
     assert (chosen.learning_stages, chosen.counterfactuals, chosen.verdict_tab) == (1, 4, False)
+    assert chosen.guided_copies
     for name, bad in (("ABN_LEARNING_STAGES", "4"), ("ABN_LEARNING_STAGES", "-1"),
-                      ("ABN_LEARNING_STAGES", "layer3"), ("ABN_VERDICT_TAB", "maybe")):  # fmt: skip
+                      ("ABN_LEARNING_STAGES", "layer3"), ("ABN_VERDICT_TAB", "maybe"),
+                      ("ABN_GUIDED_COPIES", "often")):  # fmt: skip
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: bad})
