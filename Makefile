@@ -89,11 +89,13 @@ results: $(VENV)/.installed
 		--device cpu --counterfactuals 4 --learning-stages 1 --replay 200
 	$(BIN)/python -m model reproduce --data texture-shapes \
 		--out docs/results/objectives/texture-shapes --objective counterfactual \
-		--objective dont-look --objective counterfactual-layer3 --seeds 0,1,2 --epochs 4 \
+		--objective dont-look --objective counterfactual-layer3 \
+		--objective counterfactual-propagated --seeds 0,1,2 --epochs 4 \
 		--finetune-epochs 4 --image-size 64
 	$(BIN)/python -m model reproduce --data decoy-digits \
 		--out docs/results/objectives/decoy-digits --objective counterfactual \
-		--objective dont-look --objective counterfactual-layer3 --seeds 0,1,2 --epochs 10 \
+		--objective dont-look --objective counterfactual-layer3 \
+		--objective counterfactual-propagated --seeds 0,1,2 --epochs 10 \
 		--finetune-epochs 5 --image-size 64
 
 # Builds the image and runs backend, worker and Redis from it (podman and buildah, as root):
