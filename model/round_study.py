@@ -285,7 +285,9 @@ def run_study(data_dir: str | Path, work_dir: str | Path, settings: StudySetting
     return result
 
 
-def verdict(points: Sequence[RoundPoint], settings: StudySettings) -> list[str]:
+def verdict(
+    points: Sequence[RoundPoint], settings: StudySettings, facts: dict[str, float]
+) -> list[str]:
     """Whether the best strategy reaches random's final accuracy with half its corrections:
     on accuracy, and where a shortcut dataset has them, on the images its cue misleads."""
     if "random" not in settings.strategies:
@@ -293,12 +295,27 @@ def verdict(points: Sequence[RoundPoint], settings: StudySettings) -> list[str]:
     lines: list[str] = []
     for metric in ("accuracy", "shortcut_accuracy"):
         if any(getattr(p, metric) is not None for p in points):
-            lines += verdict_on(points, settings, metric)
+            lines += verdict_on(points, settings, metric, one_image(facts, metric, settings))
     return lines
 
 
-def verdict_on(points: Sequence[RoundPoint], settings: StudySettings, metric: str) -> list[str]:
-    """The goal judged on one metric (a higher one is better)."""
+def one_image(facts: dict[str, float], metric: str, settings: StudySettings) -> float:
+    """What one validation image per seed is worth on `metric`, averaged over the seeds."""
+    counts = [
+        facts.get(f"shortcut_images_seed{seed}", 0)
+        if metric == "shortcut_accuracy"
+        else facts.get("validation", 0)
+        for seed in settings.seeds
+    ]
+    return sum(1 / c for c in counts if c) / len(counts) if counts else 0.0
+
+
+def verdict_on(
+    points: Sequence[RoundPoint], settings: StudySettings, metric: str, step: float = 0.0
+) -> list[str]:
+    """The goal judged on one metric (a higher one is better). Random's rounds must have moved
+    it by more than `step` (one validation image per seed) for its final value to mean a level
+    the others can reach rather than noise."""
     name = METRICS[metric][0]
     randoms = [s for s in summarise(points, metric) if s.strategy == "random"]
     start, final = randoms[0], randoms[-1]
@@ -309,6 +326,16 @@ def verdict_on(points: Sequence[RoundPoint], settings: StudySettings, metric: st
             f"({100 * start.mean:.2f} % before, {100 * final.mean:.2f} % after "
             f'{final.corrections:g} corrections), so "reaching its final value" says nothing '
             "here: **goal not judged**.",
+            "",
+        ]
+    gain = final.mean - start.mean
+    if gain <= step + 1e-9:  # one image per seed, up to rounding, is still noise
+        return [
+            f"On {name}: random selection's rounds moved it by {100 * gain:.2f} points "
+            f"({100 * start.mean:.2f} % to {100 * final.mean:.2f} % after "
+            f"{final.corrections:g} corrections), no more than one validation image per seed "
+            f"({100 * step:.2f} points), so reaching its final value is reaching noise: "
+            "**goal not judged**.",
             "",
         ]
     lines = [
@@ -365,7 +392,7 @@ def write_study(result: StudyResult, settings: StudySettings, out_dir: Path, com
         "maps and classes; round 0 is the first model. Means over seeds; the plots shade the "
         f"range. Compute: {result.facts.get('seconds', 0):g} s.",
         "",
-        *verdict(result.points, settings),
+        *verdict(result.points, settings, result.facts),
     ]
     if any(p.shortcut_accuracy is not None for p in result.points):
         counts = [v for k, v in result.facts.items() if k.startswith("shortcut_images")]

@@ -15,12 +15,14 @@ import torch
 from conftest import make_image_dataset
 from PIL import Image
 
+from model.round_report import RoundPoint
 from model.round_study import (
     Split,
     StudySettings,
     round_examples,
     run_study,
     train_config,
+    verdict,
     write_study,
 )
 
@@ -166,3 +168,26 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     assert [p.map_mse for p in replayed.points[1:]] != pytest.approx(
         [p.map_mse for p in paper.points[1:]]
     )
+
+
+def test_a_gain_of_random_below_one_validation_image_per_seed_is_not_judged() -> None:
+    settings = replace(SETTINGS, strategies=("random", "misclassified"), seeds=(0, 1))
+
+    def points(random_final: float) -> list[RoundPoint]:
+        return [
+            RoundPoint(strategy, number, 20 * number, accuracy, 0.1, seed)
+            for seed in (0, 1)
+            for strategy, finals in (("random", random_final), ("misclassified", 0.99))
+            for number, accuracy in ((0, 0.90), (1, finals), (2, finals))
+        ]
+
+    facts = {"validation": 200}  # one image is 0.5 points
+    noise = "\n".join(verdict(points(0.904), settings, facts))
+    assert "moved it by 0.40 points" in noise and "no more than one validation image" in noise
+    assert "goal not judged" in noise and "Goal met" not in noise
+    one_image = "\n".join(verdict(points(0.905), settings, facts))  # exactly one image per seed
+    assert "goal not judged" in one_image
+    judged = "\n".join(verdict(points(0.92), settings, facts))
+    assert "**Goal met on held-out accuracy** by misclassified." in judged
+    # With fewer validation images the same gain is noise.
+    assert "goal not judged" in "\n".join(verdict(points(0.92), settings, {"validation": 40}))
