@@ -39,6 +39,16 @@ from model import build_abn, save_checkpoint
 from model.checkpoint import make_meta
 
 CLASSES = ["cat", "dog", "fox"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary folders under the checkout's runs/ (ignored by git) rather than
+    /tmp/pytest-of-<user>, which pytest leaves behind even when every test passes; each run
+    starts it afresh, and a failing test's folder stays there to be read."""
+    if config.option.basetemp is None:
+        config.option.basetemp = str(Path(__file__).resolve().parent.parent / "runs" / "pytest")
+
+
 TOKEN = "test-token-123"
 
 
