@@ -6,6 +6,7 @@ shared cores; the model is built once per session.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -41,12 +42,19 @@ from model.checkpoint import make_meta
 CLASSES = ["cat", "dog", "fox"]
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Temporary folders under the checkout's runs/ (ignored by git) rather than
-    /tmp/pytest-of-<user>, which pytest leaves behind even when every test passes; each run
-    starts it afresh, and a failing test's folder stays there to be read."""
-    if config.option.basetemp is None:
-        config.option.basetemp = str(Path(__file__).resolve().parent.parent / "runs" / "pytest")
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """After pytest has removed a passing run's temporary folder, remove what it leaves in
+    /tmp: its dead `pytest-current` link and the then empty `pytest-of-<user>` folder."""
+    basetemp = getattr(getattr(session.config, "_tmp_path_factory", None), "_basetemp", None)
+    if exitstatus != 0 or basetemp is None or basetemp.exists():
+        return
+    parent = basetemp.parent
+    current = parent / "pytest-current"
+    if current.is_symlink() and not current.exists():
+        current.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        parent.rmdir()  # only when empty: other runs' folders stay
 
 
 TOKEN = "test-token-123"
