@@ -265,8 +265,9 @@ def run_project_round(
     )
 
     def on_epoch(row: dict[str, Any]) -> None:
+        part = {"part": row["part"]} if "part" in row else {}  # which of a guided round's two
         report_progress(
-            stage="fine-tuning", epoch=row["epoch"], epochs=config.epochs, loss=row["loss"]
+            stage="fine-tuning", epoch=row["epoch"], epochs=config.epochs, loss=row["loss"], **part
         )
 
     outcome = run_round(

@@ -344,6 +344,18 @@ def add_round_study_options(p: argparse.ArgumentParser) -> None:
         default=d.replay,
         help="uncorrected pool images each round also learns from by class only (0: none)",
     )
+    p.add_argument(
+        "--guided-copies",
+        action="store_true",
+        help="copy every example of a round, cut by a first fine-tune's maps where no human "
+        "drew one (a project's default; needs --counterfactuals)",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=d.finetune_lr,
+        help="each round's learning rate (default: the first model's, 0.1 per 256 images)",
+    )
 
 
 def cmd_round_study(args: argparse.Namespace) -> None:
@@ -364,6 +376,8 @@ def cmd_round_study(args: argparse.Namespace) -> None:
         counterfactual_copies=args.counterfactuals,
         learning_stages=args.learning_stages,
         replay=args.replay,
+        guided_copies=args.guided_copies,
+        finetune_lr=args.finetune_lr,
     )
     data = resolve_data(args.data)
     result = run_study(data, args.work_dir, settings)

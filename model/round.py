@@ -15,8 +15,9 @@ round.
 2. The served model predicts every example once: its scores are the gate's "before", and its
    predicted class is the label of examples that carry no class it knows (their maps still
    teach it where to look).
-3. Fine-tune the branches (trunk frozen) on the training share with the paper's objective
-   (the map term only where there is a map).
+3. Fine-tune on the training share: with the paper's objective (the branches learn, the map
+   term only where there is a map), or, the backend's default, with the guided objective the
+   shortcut studies chose (:func:`guided_copies_of`, then the trunk's last stage learns too).
 4. Gate, on the held-out share, task by task (:func:`gate`), and only on its tasks annotated
    before the round where there are enough of them (:func:`reference`), so that a round cannot
    grade itself: no significant loss of accuracy
@@ -298,6 +299,36 @@ def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
     return reasons
 
 
+def guided_copies_of(
+    model: ABN,
+    meta: CheckpointMeta,
+    data: InMemoryMapsDataset,
+    copies: int,
+    *,
+    config: TrainConfig,
+    gamma: float,
+    seed: int,
+    data_label: str,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[ABN, InMemoryMapsDataset]:
+    """The first half of the guided objective (``counterfactual-propagated``): `model` fine-tuned
+    on `data` with the paper's objective (the guide), and `data` with `copies` counterfactual
+    copies of every example, cut by its human map or else by the map the guide now gives it.
+
+    Why: a few human maps then break a cue outside the object on every labelled image, while
+    the map loss stays on what people drew (the copies of class-only examples carry no map).
+    """
+    guide, _ = finetune(
+        model, meta, config=config, gamma=gamma, dataset=data, data_label=data_label,
+        progress=progress,
+    )  # fmt: skip
+    _, guides = predict_all(guide, data.images, config.torch_device(), config.batch_size)
+    copied = with_counterfactuals(
+        data.images, data.labels, data.maps, data.has_map, copies, seed, guides
+    )
+    return guide, copied
+
+
 def run_round(
     model: ABN,
     meta: CheckpointMeta,
@@ -347,20 +378,26 @@ def run_round(
         examples.maps[trained],
         with_map[trained],
     )
-    guides = None
-    if guided_copies and counterfactual_copies:
-        model, _ = finetune(
-            model,
-            meta,
-            config=config,
-            gamma=gamma,
-            dataset=InMemoryMapsDataset(images, labels, maps, has_map),
+    guided = bool(guided_copies and counterfactual_copies)
+
+    def progress_of(part: str) -> Callable[[dict[str, Any]], None] | None:
+        """`progress`, each row saying which of the two fine-tunes it is (a guided round)."""
+        if progress is None or not guided:
+            return progress
+        return lambda row: progress({**row, "part": part})
+
+    data = InMemoryMapsDataset(images, labels, maps, has_map)
+    if guided:
+        model, dataset = guided_copies_of(
+            model, meta, data, counterfactual_copies,
+            config=config, gamma=gamma, seed=config.seed,
             data_label=f"{data_label}, the copies' guide",
+            progress=progress_of("1/2: the copies' guide"),
+        )  # fmt: skip
+    else:
+        dataset = with_counterfactuals(
+            images, labels, maps, has_map, counterfactual_copies, config.seed
         )
-        _, guides = predict_all(model, images, device, config.batch_size)
-    dataset = with_counterfactuals(
-        images, labels, maps, has_map, counterfactual_copies, config.seed, guides
-    )
     tuned, new_meta = finetune(
         model,
         meta,
@@ -368,11 +405,11 @@ def run_round(
         gamma=gamma,
         dataset=dataset,
         data_label=data_label,
-        progress=progress,
+        progress=progress_of("2/2: with the copies"),
         learning_stages=learning_stages,
     )
     new_meta["settings"]["counterfactual_copies"] = counterfactual_copies
-    new_meta["settings"]["guided_copies"] = guides is not None
+    new_meta["settings"]["guided_copies"] = guided
     after = score(
         *predict_all(tuned, examples.images[held], device, config.batch_size),
         examples.labels[held],

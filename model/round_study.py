@@ -10,8 +10,10 @@ of them, the oracle corrects the first `size`, and the model's branches are fine
 also learns from that many of the pool's other images by their class alone (drawn afresh each
 round; their maps stay unseen), as a project's round learns from its class-only labelled tasks:
 without them a round of a few corrections can undo what the first model knew. The objective
-is the paper's by default; with `counterfactual_copies` and `learning_stages` it is the one a
-round runs with ``ABN_COUNTERFACTUALS`` and ``ABN_LEARNING_STAGES`` (``model/round.py``).
+is the paper's by default; with `counterfactual_copies`, `learning_stages` and `guided_copies`
+it is the one a project's round runs with ``ABN_COUNTERFACTUALS``, ``ABN_LEARNING_STAGES`` and
+``ABN_GUIDED_COPIES`` (``model/round.py``; the backend's default is 2, 1 and on), and
+`finetune_lr` is ``ABN_FINETUNE_LR``.
 After each round the model is scored on the validation split with the gate's own scoring
 (``model/round.py``'s ``score``: accuracy, and map distance to the human maps), and, on a
 shortcut dataset (``model/paper/shortcut.py``), on the validation images whose cue names
@@ -31,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,10 +42,10 @@ from torch.utils.data import DataLoader
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from model.counterfactual import with_counterfactuals
-from model.data import AttentionDataset
+from model.data import AttentionDataset, InMemoryMapsDataset
 from model.paper.shortcut import conflicting, has_cues
 from model.paper.sweep import carve_validation
-from model.round import predict_all, score
+from model.round import guided_copies_of, predict_all, score
 from model.round_report import (
     METRICS,
     RoundPoint,
@@ -75,6 +77,8 @@ class StudySettings:
     counterfactual_copies: int = 0  # per corrected image; 0: the paper's objective
     learning_stages: int = 0  # trunk stages that learn too
     replay: int = 0  # uncorrected pool images each round also learns from, by class only
+    guided_copies: bool = False  # copy every round example, cut by a guide's maps (model/round.py)
+    finetune_lr: float | None = None  # each round's; None: the first model's (0.1 per 256)
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,8 @@ def run_strategy(
     seed: int,
 ) -> list[RoundPoint]:
     """Rounds of one strategy from a copy of `base`; a point before them and after each."""
-    config = train_config(settings, seed, settings.finetune_epochs)
+    rounds = train_config(settings, seed, settings.finetune_epochs)
+    config = replace(rounds, lr=settings.finetune_lr)
     device = config.torch_device()
     model = copy.deepcopy(base).to(device)
     corrected: list[int] = []
@@ -214,14 +219,22 @@ def run_strategy(
         )
         corrected += [c.task_id for c in chosen]
         index, has_map = round_examples(pool, corrected, settings.replay, seed * 1000 + number)
-        dataset = with_counterfactuals(
+        data = InMemoryMapsDataset(
             pool.images[index],
             pool.labels[index],
             pool.maps[index] * has_map.view(-1, 1, 1, 1),
             has_map,
-            settings.counterfactual_copies,
-            seed * 1000 + number,
         )
+        copies, draw = settings.counterfactual_copies, seed * 1000 + number
+        if settings.guided_copies and copies:
+            model, dataset = guided_copies_of(
+                model, meta, data, copies, config=config, gamma=settings.gamma, seed=draw,
+                data_label=f"round {number} of {strategy}, the copies' guide",
+            )  # fmt: skip
+        else:
+            dataset = with_counterfactuals(
+                data.images, data.labels, data.maps, data.has_map, copies, draw
+            )
         model, _ = finetune(
             model,
             meta,
@@ -267,6 +280,10 @@ def run_study(data_dir: str | Path, work_dir: str | Path, settings: StudySetting
         raise ValueError(f"unknown strategies {unknown}; one of {', '.join(STRATEGIES)}")
     if settings.replay < 0:
         raise ValueError(f"replay must be 0 or more images, not {settings.replay}")
+    if settings.finetune_lr is not None and not settings.finetune_lr > 0:
+        raise ValueError(f"the rounds' learning rate must be above 0, not {settings.finetune_lr}")
+    if settings.guided_copies and not settings.counterfactual_copies:
+        raise ValueError("guided copies need counterfactual copies (--counterfactuals 1 or more)")
     work_dir = Path(work_dir) / Path(data_dir).name  # a first model per dataset
     work_dir.mkdir(parents=True, exist_ok=True)
     result = StudyResult(points=[])

@@ -108,15 +108,20 @@ def test_a_guided_round_copies_its_class_only_examples_too() -> None:
     meta = make_meta("abn", "resnet18", ["a", "b"], image_size=32)
     config = TrainConfig(epochs=1, batch_size=64, device="cpu")
 
+    rows: dict[bool, list[dict[str, object]]] = {False: [], True: []}
+
     def round_with(guided: bool) -> RoundOutcome:
         torch.manual_seed(0)
         return run_round(
             build_abn("resnet18", 2), meta, examples, config,
             margins=GateMargins(min_evidence=1), holdout_fraction=0.3,
-            counterfactual_copies=2, guided_copies=guided,
+            counterfactual_copies=2, guided_copies=guided, progress=rows[guided].append,
         )  # fmt: skip
 
     plain, guided = round_with(False), round_with(True)
+    # Progress covers both of a guided round's fine-tunes, each row saying which it is.
+    assert [r.get("part") for r in rows[True]] == ["1/2: the copies' guide", "2/2: with the copies"]
+    assert [r.get("part") for r in rows[False]] == [None]
     assert plain.trained == guided.trained  # the same split
     mapped = sum(1 for i in plain.trained if i < 4)
     trained = len(plain.trained)

@@ -95,6 +95,10 @@ def test_an_unknown_strategy_is_refused_before_any_training(tmp_path: Path) -> N
         run_study(tmp_path / "nowhere", tmp_path / "work", bad)
     with pytest.raises(ValueError, match="replay must be 0 or more images, not -1"):
         run_study(tmp_path / "nowhere", tmp_path / "work", StudySettings(replay=-1))
+    with pytest.raises(ValueError, match=r"learning rate must be above 0, not 0\.0"):
+        run_study(tmp_path / "nowhere", tmp_path / "work", StudySettings(finetune_lr=0.0))
+    with pytest.raises(ValueError, match="guided copies need counterfactual copies"):
+        run_study(tmp_path / "nowhere", tmp_path / "work", StudySettings(guided_copies=True))
     assert not (tmp_path / "work").exists()
 
 
@@ -162,6 +166,18 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     text = write_study(other, objective, tmp_path / "report", "round-study").read_text()
     assert "On accuracy where the shortcut misleads:" in text
     assert "counterfactual_copies=2, learning_stages=1" in text
+    # The backend's default objective, guided copies, reaches the rounds; so does a gentler
+    # learning rate (a hundredth of the first model's: the maps move less).
+    guided = run_study(data, tmp_path / "work", replace(objective, guided_copies=True))
+    assert guided.points[0].map_mse == pytest.approx(paper.points[0].map_mse)
+    assert [p.map_mse for p in guided.points[1:]] != pytest.approx(
+        [p.map_mse for p in other.points[1:]]
+    )
+    gentle = run_study(data, tmp_path / "work", replace(settings, finetune_lr=1e-4))
+    first = paper.points[0].map_mse
+    moved = [abs(p.map_mse - first) for p in paper.points[1:]]
+    gentler = [abs(p.map_mse - first) for p in gentle.points[1:]]
+    assert all(g < m for g, m in zip(gentler, moved, strict=True)), (gentler, moved)
     # Replayed class-only images reach the rounds too.
     replayed = run_study(data, tmp_path / "work", replace(settings, replay=3))
     assert replayed.points[0].map_mse == pytest.approx(paper.points[0].map_mse)
