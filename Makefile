@@ -80,8 +80,15 @@ results: $(VENV)/.installed
 		--budgets all --selections misclassified \
 		--extra confidence:52:3,confidence:400:3,misclassified:10:3
 	$(BIN)/python -m model round-study --data decoy-digits --out docs/results/round-study \
-		--work-dir runs/round-study --strategies random,least-confident,misclassified,map-entropy \
-		--rounds 6 --size 20 --seeds 0,1 --epochs 6 --finetune-epochs 5 --image-size 64 --device cpu
+		--work-dir runs/round-study \
+		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
+		--rounds 5 --size 20 --seeds 0,1,2 --epochs 10 --finetune-epochs 4 --image-size 64 \
+		--device cpu --replay 200
+	$(BIN)/python -m model round-study --data decoy-digits --out docs/results/round-study-guided \
+		--work-dir runs/round-study \
+		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
+		--rounds 5 --size 20 --seeds 0,1,2 --epochs 10 --finetune-epochs 4 --image-size 64 \
+		--device cpu --replay 200 --counterfactuals 2 --learning-stages 1 --guided-copies
 	$(BIN)/python -m model round-study --data texture-shapes \
 		--out docs/results/round-study-texture-shapes --work-dir runs/round-study \
 		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
