@@ -16,7 +16,7 @@ round.
    predicted class is the label of examples that carry no class it knows (their maps still
    teach it where to look).
 3. Fine-tune on the training share: with the paper's objective (the branches learn, the map
-   term only where there is a map), or, the backend's default, with the guided objective the
+   term only where there is a map), or, opt-in, with the guided objective the
    shortcut studies chose (:func:`guided_copies_of`, then the trunk's last stage learns too).
 4. Gate, on the held-out share, task by task (:func:`gate`), and only on its tasks annotated
    before the round where there are enough of them (:func:`reference`), so that a round cannot

@@ -12,7 +12,7 @@ round; their maps stay unseen), as a project's round learns from its class-only 
 without them a round of a few corrections can undo what the first model knew. The objective
 is the paper's by default; with `counterfactual_copies`, `learning_stages` and `guided_copies`
 it is the one a project's round runs with ``ABN_COUNTERFACTUALS``, ``ABN_LEARNING_STAGES`` and
-``ABN_GUIDED_COPIES`` (``model/round.py``; the backend's default is 2, 1 and on), and
+``ABN_GUIDED_COPIES`` (``model/round.py``), and
 `finetune_lr` is ``ABN_FINETUNE_LR``.
 After each round the model is scored on the validation split with the gate's own scoring
 (``model/round.py``'s ``score``: accuracy, and map distance to the human maps), and, on a

@@ -5,6 +5,7 @@ Shared by tests/test_loop.py and the end-to-end tests under tests/e2e.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -36,7 +37,9 @@ def free_port() -> int:
 
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
     """Send `sig` to `proc`'s process group (it was started in a session of its own) and wait;
-    whatever is still there after `timeout` seconds is killed."""
+    whatever is still there after `timeout` seconds is killed, and so is any descendant left
+    outside the group (RQ's work horse has a session of its own), so no test leaves one."""
+    descendants = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
     if proc.poll() is None:
         os.killpg(proc.pid, sig)
     try:
@@ -44,6 +47,17 @@ def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    for child in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+
+
+def is_dead(proc: psutil.Process) -> bool:
+    """Gone, or a zombie nobody has reaped yet (an orphan's new parent may be slow to)."""
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
@@ -82,11 +96,7 @@ class Loop:
         return proc
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
-        proc = self.procs.pop(name)
-        if sig == signal.SIGKILL:  # RQ runs a job in a forked "work horse" of its own session
-            for child in psutil.Process(proc.pid).children(recursive=True):
-                child.kill()
-        stop_group(proc, sig)
+        stop_group(self.procs.pop(name), sig)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]

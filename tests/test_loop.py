@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import pytest
 import requests
 from conftest import CLASSES, TOKEN, FakeLabelStudio, png_bytes
-from processes import ROOT, Loop, running_backend, wait_for
+from processes import ROOT, Loop, is_dead, running_backend, wait_for
 
 from backend.brush import encode_rle
 from backend.label_config import label_config_for
@@ -271,6 +272,11 @@ def test_worker_killed_mid_job_leaves_the_served_model(loop: Loop) -> None:
         return any(j.get("stage") == "fine-tuning" for j in jobs)
 
     wait_for(fine_tuning, 240, "the job to start fine-tuning: " + loop.log("worker"))
+    horses = psutil.Process(loop.procs["worker"].pid).children(recursive=True)
+    assert horses  # RQ runs the job in a forked work horse
+    loop.procs["worker"].kill()  # the worker alone, as the OOM killer would
+    # Its horse dies with it (backend/training.py, die_with_worker) instead of training on.
+    wait_for(lambda: all(is_dead(h) for h in horses), 60, "the work horse to die with its worker")
     loop.stop("worker", signal.SIGKILL)
     assert loop.registry("1").current() is None
     assert sorted(p.name for p in loop.registry().versions_dir.iterdir()) == ["v1.pt"]

@@ -90,11 +90,7 @@ def test_a_new_project_trains_its_first_model_from_class_labels(
 def test_a_project_on_the_shared_model_forks_it_and_the_shared_model_stays(
     tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
 ) -> None:
-    # This test is about versions, not objectives: it names the paper's, which moves these
-    # constant maps at one epoch on an untrained model. The default (guided copies) left them
-    # where they were (0.1583 -> 0.1588) and was refused; its rounds are test_counterfactual's
-    # and e2e/test_gate_e2e's.
-    settings = settings_for(tmp_path, fake_ls).replace(counterfactuals=0, learning_stages=0)
+    settings = settings_for(tmp_path, fake_ls)
     shared = ModelRegistry(settings.model_dir)
     shared.publish_file(tiny_checkpoint)
     store = LoopStore(settings.layout.corrections_db)
@@ -184,7 +180,7 @@ def test_the_round_objective_settings_are_read_and_bad_values_refused() -> None:
         defaults.counterfactuals,
         defaults.guided_copies,
         defaults.verdict_tab,
-    ) == (1, 2, True, True)
+    ) == (0, 0, False, True)
     chosen = Settings.from_env(
         {"ABN_LEARNING_STAGES": "1", "ABN_COUNTERFACTUALS": "4", "ABN_GUIDED_COPIES": "1",
          "ABN_VERDICT_TAB": "0"}
