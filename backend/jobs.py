@@ -94,6 +94,11 @@ class TrainingQueue:
         if status not in ACTIVE or killed:
             if killed:
                 log.warning("training job %s of project %s lost its worker", job.id, project)
+                # Its "run again" can never be honoured by it, and the request behind it is
+                # still pending in the store: the job made for that request covers it. Left
+                # set, that job's release ran one more, which found nothing new and replaced
+                # the round's verdict on /status with "skipped".
+                self.redis.delete(again_key(project))
             self.redis.delete(job_key(project))
             return None
         return job

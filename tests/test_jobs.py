@@ -82,6 +82,10 @@ def test_a_request_to_a_job_that_then_dies_still_leads_to_a_job(
     assert store.pending_requests() == []
     assert len(queue.queue) == 1
     assert queue.redis.get(job_key("1")) == queue.queue.jobs[0].id.encode()
+    # The dead job's "again" went with it: the new job's end runs no second, empty round.
+    assert queue.redis.get(again_key("1")) is None
+    queue.release("1")
+    assert len(queue.queue) == 1
 
 
 def test_describe_names_statuses_plainly(redis_url: str, tmp_path: Path) -> None:
