@@ -74,6 +74,9 @@ def deployment(model_dir: Path, images_url: str, logs: Path, **env: str) -> Iter
     `model_dir`, images from `images_url` as the Label Studio host; yields the backend's URL
     once it answers, and stops everything at the end (logs under `logs`)."""
     logs.mkdir(parents=True, exist_ok=True)
+    # A bench stopped with SIGTERM (kill, a CI runner) unwinds like Ctrl-C, so what it started
+    # is stopped below instead of left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with EmbeddedRedis(logs / "redis") as redis:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
