@@ -203,15 +203,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> None:
     from redis.exceptions import RedisError
-    from rq import Worker
 
-    from backend.jobs import QUEUE_NAME
+    from backend.jobs import QUEUE_NAME, TrainingWorker
     from backend.redis_connection import connect
 
     settings = Settings.from_env()
     # RQ logs "could not connect to Redis" every 2 s while Redis is away; once a minute is enough.
     logging.getLogger("rq.worker").addFilter(RateLimit("could not connect to Redis", 60.0))
-    worker = Worker([QUEUE_NAME], connection=connect(settings.redis_url))
+    worker = TrainingWorker([QUEUE_NAME], connection=connect(settings.redis_url))
     log.info("training worker listening on %s (queue %s)", settings.redis_url, QUEUE_NAME)
     try:
         worker.work(burst=args.burst, with_scheduler=False)

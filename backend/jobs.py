@@ -10,13 +10,15 @@ to run once more when it ends, and stays in the store until a job will see it.
 from __future__ import annotations
 
 import logging
+import signal
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue
+from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
+from backend.redis_connection import die_with_parent
 from backend.store import LoopStore
 
 log = logging.getLogger(__name__)
@@ -94,12 +96,12 @@ class TrainingQueue:
         if status not in ACTIVE or killed:
             if killed:
                 log.warning("training job %s of project %s lost its worker", job.id, project)
-                # Its "run again" can never be honoured by it, and the request behind it is
-                # still pending in the store: the job made for that request covers it. Left
-                # set, that job's release ran one more, which found nothing new and replaced
-                # the round's verdict on /status with "skipped".
-                self.redis.delete(again_key(project))
-            self.redis.delete(job_key(project))
+            # A "run again" for a job that is over without releasing (killed, or its horse
+            # died) can never be honoured by it, and the request behind it is still pending in
+            # the store: the job made for that request covers it. Left set, that job's release
+            # ran one more, which found nothing new and replaced the round's verdict on
+            # /status with "skipped".
+            self.redis.delete(job_key(project), again_key(project))
             return None
         return job
 
@@ -155,3 +157,22 @@ class TrainingQueue:
                 shown = "lost"  # its worker died; the next request or flush replaces it
             jobs.append({"id": job.id, "project": project, "status": shown, **job.meta})
         return {"queued": len(self.queue), "jobs": jobs}
+
+
+class TrainingWorker(Worker):
+    """RQ's worker, whose work horses die with it (Linux).
+
+    RQ forks each job into a work horse in a process group of its own. A worker killed outright
+    (SIGKILL, the OOM killer) used to leave its horse training alone: it never stopped, and it
+    could publish a version after another worker had taken the project's job over. The death
+    signal is set first thing after the fork, before the job imports torch.
+    """
+
+    def fork_work_horse(self, job: Job, queue: Queue) -> None:
+        self._tie_horse = die_with_parent(signal.SIGKILL)  # libc looked up before the fork
+        super().fork_work_horse(job, queue)
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        if self._tie_horse is not None:
+            self._tie_horse()
+        super().main_work_horse(job, queue)

@@ -48,8 +48,8 @@ def connect(url: str | None) -> Redis:
     return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
-def die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` (Linux) that has the child sent SIGTERM when the process starting it
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux) that has the child sent `sig` when the process starting it
     dies, even by SIGKILL; None where prctl is not available. libc is looked up here, before
     the fork, so that the child only makes one system call."""
     try:
@@ -59,9 +59,9 @@ def die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def set_death_signal() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl(PR_SET_PDEATHSIG, sig)
         if os.getppid() != parent:  # the parent died before prctl: nobody will signal
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
     return set_death_signal
 

@@ -92,7 +92,8 @@ class Settings:
     finetune_lr: float | None = None  # ABN_FINETUNE_LR; default 0.1 per 256 images
     holdout_fraction: float = 0.2  # ABN_HOLDOUT_FRACTION: corrections kept out for the gate
     # The round's objective; the default is the paper's (docs/loop.md says why).
-    # ABN_COUNTERFACTUALS: counterfactual copies of each training task a round adds
+    # ABN_COUNTERFACTUALS: counterfactual copies a round adds of each training task with a human
+    # map (of every task with ABN_GUIDED_COPIES)
     # (model/counterfactual.py); 0 is the paper's objective alone.
     counterfactuals: int = 0
     # ABN_LEARNING_STAGES: the trunk's last k stages learn in a round too (0: branches only,

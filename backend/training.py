@@ -16,12 +16,9 @@ Progress goes to the RQ job's meta, which ``/status`` shows.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
-import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -55,8 +52,6 @@ class TrainingRefused(UserError, RuntimeError):
 
 
 log = logging.getLogger(__name__)
-
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 
 def report_progress(**fields: Any) -> None:
@@ -397,20 +392,8 @@ def write_last_result(settings: Settings, project: str, record: dict[str, Any]) 
         json.dump(record, f, indent=1)
 
 
-def die_with_worker() -> None:
-    """Have Linux kill this process (RQ's work horse) when the worker that forked it dies.
-
-    Why: RQ runs each job in a forked horse of a session of its own. A worker killed outright
-    (SIGKILL, the OOM killer) left its horse training alone: it never stopped, and it could
-    publish a version after another worker had taken the project's job over. Off Linux, nothing.
-    """
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def run_training_job(project: str, reason: str = "") -> dict[str, Any]:
     """The RQ entry point. Whatever happens, the project is freed and the outcome recorded."""
-    die_with_worker()
     settings = Settings.from_env()
     store = LoopStore(settings.layout.corrections_db)
     queue = TrainingQueue(connect(settings.redis_url), store)

@@ -107,7 +107,12 @@ def deployment(model_dir: Path, images_url: str, logs: Path, **env: str) -> Iter
                 sys.stderr.write((logs / f"{name}.log").read_text(errors="replace")[-3000:])
             raise
         finally:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut this short
             for proc in procs:
                 os.killpg(proc.pid, signal.SIGTERM)
             for proc in procs:
-                proc.wait(timeout=60)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:  # a worker waiting for its job: its horse
+                    os.killpg(proc.pid, signal.SIGKILL)  # dies with it (TrainingWorker)
+                    proc.wait()

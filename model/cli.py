@@ -348,7 +348,7 @@ def add_round_study_options(p: argparse.ArgumentParser) -> None:
         "--guided-copies",
         action="store_true",
         help="copy every example of a round, cut by a first fine-tune's maps where no human "
-        "drew one (a project's default; needs --counterfactuals)",
+        "drew one (opt-in in a project: ABN_GUIDED_COPIES; needs --counterfactuals)",
     )
     p.add_argument(
         "--finetune-lr",

@@ -17,7 +17,8 @@ round.
    teach it where to look).
 3. Fine-tune on the training share: with the paper's objective (the branches learn, the map
    term only where there is a map), or, opt-in, with the guided objective the
-   shortcut studies chose (:func:`guided_copies_of`, then the trunk's last stage learns too).
+   shortcut studies chose (:func:`guided_copies_of`; with `learning_stages`, the trunk's last
+   stage learns too).
 4. Gate, on the held-out share, task by task (:func:`gate`), and only on its tasks annotated
    before the round where there are enough of them (:func:`reference`), so that a round cannot
    grade itself: no significant loss of accuracy

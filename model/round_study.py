@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -143,11 +143,14 @@ def measure(
     return scores.accuracy, scores.map_mse, shortcut
 
 
-def train_config(settings: StudySettings, seed: int, epochs: int) -> TrainConfig:
+def train_config(
+    settings: StudySettings, seed: int, epochs: int, lr: float | None = None
+) -> TrainConfig:
     """The study's one training configuration: the first model and each round differ only in
-    their epochs, so that a change of batch size or device reaches both."""
+    their epochs and learning rate, so that a change of batch size or device reaches both."""
     return TrainConfig(
         epochs=epochs,
+        lr=lr,
         batch_size=settings.batch_size,
         image_size=settings.image_size,
         seed=seed,
@@ -183,8 +186,7 @@ def run_strategy(
     seed: int,
 ) -> list[RoundPoint]:
     """Rounds of one strategy from a copy of `base`; a point before them and after each."""
-    rounds = train_config(settings, seed, settings.finetune_epochs)
-    config = replace(rounds, lr=settings.finetune_lr)
+    config = train_config(settings, seed, settings.finetune_epochs, settings.finetune_lr)
     device = config.torch_device()
     model = copy.deepcopy(base).to(device)
     corrected: list[int] = []

@@ -38,7 +38,7 @@ def free_port() -> int:
 def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
     """Send `sig` to `proc`'s process group (it was started in a session of its own) and wait;
     whatever is still there after `timeout` seconds is killed, and so is any descendant left
-    outside the group (RQ's work horse has a session of its own), so no test leaves one."""
+    outside the group (RQ's work horse has a process group of its own), so no test leaves one."""
     descendants = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
     if proc.poll() is None:
         os.killpg(proc.pid, sig)

@@ -166,7 +166,7 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     text = write_study(other, objective, tmp_path / "report", "round-study").read_text()
     assert "On accuracy where the shortcut misleads:" in text
     assert "counterfactual_copies=2, learning_stages=1" in text
-    # The backend's default objective, guided copies, reaches the rounds; so does a gentler
+    # The backend's opt-in guided objective reaches the rounds; so does a gentler
     # learning rate (a hundredth of the first model's: the maps move less).
     guided = run_study(data, tmp_path / "work", replace(objective, guided_copies=True))
     assert guided.points[0].map_mse == pytest.approx(paper.points[0].map_mse)
