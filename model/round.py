@@ -17,7 +17,7 @@ round.
    teach it where to look).
 3. Fine-tune on the training share: with the paper's objective (the branches learn, the map
    term only where there is a map), or, opt-in, with the guided objective the
-   shortcut studies chose (:func:`guided_copies_of`; with `learning_stages`, the trunk's last
+   shortcut studies chose (:func:`fine_tuning_set`; with `learning_stages`, the trunk's last
    stage learns too).
 4. Gate, on the held-out share, task by task (:func:`gate`), and only on its tasks annotated
    before the round where there are enough of them (:func:`reference`), so that a round cannot
@@ -300,25 +300,33 @@ def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
     return reasons
 
 
-def guided_copies_of(
+def fine_tuning_set(
     model: ABN,
     meta: CheckpointMeta,
     data: InMemoryMapsDataset,
     copies: int,
     *,
+    guided: bool,
     config: TrainConfig,
     gamma: float,
     seed: int,
     data_label: str,
     progress: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[ABN, InMemoryMapsDataset]:
-    """The first half of the guided objective (``counterfactual-propagated``): `model` fine-tuned
-    on `data` with the paper's objective (the guide), and `data` with `copies` counterfactual
-    copies of every example, cut by its human map or else by the map the guide now gives it.
+    """What a round fine-tunes on, and the model it starts from: `data` with `copies`
+    counterfactual copies of each example with a human map, and `model` as it is.
 
-    Why: a few human maps then break a cue outside the object on every labelled image, while
-    the map loss stays on what people drew (the copies of class-only examples carry no map).
+    `guided` (with copies): the first half of the guided objective (``counterfactual-propagated``).
+    `model` is fine-tuned on `data` with the paper's objective (the guide), and every example is
+    copied, cut by its human map or else by the map the guide now gives it. Why: a few human
+    maps then break a cue outside the object on every labelled image, while the map loss stays
+    on what people drew (the copies of class-only examples carry no map).
     """
+    if not (guided and copies):
+        plain = with_counterfactuals(
+            data.images, data.labels, data.maps, data.has_map, copies, seed
+        )
+        return model, plain
     guide, _ = finetune(
         model, meta, config=config, gamma=gamma, dataset=data, data_label=data_label,
         progress=progress,
@@ -387,18 +395,12 @@ def run_round(
             return progress
         return lambda row: progress({**row, "part": part})
 
-    data = InMemoryMapsDataset(images, labels, maps, has_map)
-    if guided:
-        model, dataset = guided_copies_of(
-            model, meta, data, counterfactual_copies,
-            config=config, gamma=gamma, seed=config.seed,
-            data_label=f"{data_label}, the copies' guide",
-            progress=progress_of("1/2: the copies' guide"),
-        )  # fmt: skip
-    else:
-        dataset = with_counterfactuals(
-            images, labels, maps, has_map, counterfactual_copies, config.seed
-        )
+    model, dataset = fine_tuning_set(
+        model, meta, InMemoryMapsDataset(images, labels, maps, has_map), counterfactual_copies,
+        guided=guided, config=config, gamma=gamma, seed=config.seed,
+        data_label=f"{data_label}, the copies' guide",
+        progress=progress_of("1/2: the copies' guide"),
+    )  # fmt: skip
     tuned, new_meta = finetune(
         model,
         meta,

@@ -41,11 +41,10 @@ from torch.utils.data import DataLoader
 
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from model.counterfactual import with_counterfactuals
 from model.data import AttentionDataset, InMemoryMapsDataset
 from model.paper.shortcut import conflicting, has_cues
 from model.paper.sweep import carve_validation
-from model.round import guided_copies_of, predict_all, score
+from model.round import fine_tuning_set, predict_all, score
 from model.round_report import (
     METRICS,
     RoundPoint,
@@ -227,16 +226,12 @@ def run_strategy(
             pool.maps[index] * has_map.view(-1, 1, 1, 1),
             has_map,
         )
-        copies, draw = settings.counterfactual_copies, seed * 1000 + number
-        if settings.guided_copies and copies:
-            model, dataset = guided_copies_of(
-                model, meta, data, copies, config=config, gamma=settings.gamma, seed=draw,
-                data_label=f"round {number} of {strategy}, the copies' guide",
-            )  # fmt: skip
-        else:
-            dataset = with_counterfactuals(
-                data.images, data.labels, data.maps, data.has_map, copies, draw
-            )
+        model, dataset = fine_tuning_set(
+            model, meta, data, settings.counterfactual_copies,
+            guided=settings.guided_copies, config=config, gamma=settings.gamma,
+            seed=seed * 1000 + number,
+            data_label=f"round {number} of {strategy}, the copies' guide",
+        )  # fmt: skip
         model, _ = finetune(
             model,
             meta,
