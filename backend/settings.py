@@ -18,6 +18,7 @@ from pathlib import Path
 
 from backend.layout import ModelDirLayout
 from model.errors import UserError
+from model.round import JUDGED_ON
 from model.train import DEFAULT_GAMMA
 
 DEFAULT_MODEL_DIR = Path("runs") / "model_dir"
@@ -110,6 +111,10 @@ class Settings:
     gate_map_margin: float = 0.01  # ABN_GATE_MAP_MARGIN: map MSE it may gain
     gate_alpha: float = 0.05  # ABN_GATE_ALPHA: significance of the gate's paired sign tests
     gate_min_evidence: int = 5  # ABN_GATE_MIN_EVIDENCE: held-out tasks needed to judge a round
+    # ABN_GATE_ON: what the gate judges, "tasks" (the held-out tasks as labelled) or
+    # "counterfactual" (their views with the outside of the human map swapped; for a project
+    # whose held-out tasks share the shortcut its corrections remove: docs/loop.md).
+    gate_on: str = "tasks"
     swap_interval: float = 0.5  # ABN_SWAP_INTERVAL: seconds between registry polls
 
     # Projects and their first models (docs/projects.md).
@@ -197,6 +202,7 @@ class Settings:
             gate_min_evidence=_int(
                 env, "ABN_GATE_MIN_EVIDENCE", defaults.gate_min_evidence, 1, 10**6
             ),
+            gate_on=(get("ABN_GATE_ON") or defaults.gate_on).strip().lower(),
             swap_interval=_float(env, "ABN_SWAP_INTERVAL", defaults.swap_interval),
             max_project_models=_int(
                 env, "ABN_MAX_PROJECT_MODELS", defaults.max_project_models, 1, 10_000
@@ -240,6 +246,10 @@ class Settings:
             raise SettingsError(
                 "ABN_FIRST_IMAGE_SIZE must be a multiple of 16 (the trunk's stride), "
                 f"got {self.first_image_size}"
+            )
+        if self.gate_on not in JUDGED_ON:
+            raise SettingsError(
+                f"ABN_GATE_ON must be one of {', '.join(JUDGED_ON)}, got {self.gate_on!r}"
             )
         if self.train_device not in ("auto", "cpu", "cuda"):
             raise SettingsError(

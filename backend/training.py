@@ -43,7 +43,7 @@ from model.edited_map import predict_input_with_map
 from model.errors import UserError
 from model.first_model import FirstModelConfig, LabelledImages, train_first_model
 from model.maps import map_size_for
-from model.round import Examples, GateMargins, run_round
+from model.round import Examples, GateMargins, compare, run_round
 from model.train import TrainConfig
 
 
@@ -281,6 +281,7 @@ def run_project_round(
             settings.gate_map_margin,
             settings.gate_alpha,
             settings.gate_min_evidence,
+            settings.gate_on,
         ),
         holdout_fraction=settings.holdout_fraction,
         data_label=f"project {project} annotations",
@@ -294,7 +295,15 @@ def run_project_round(
         "before": outcome.before.to_dict(),
         "after": outcome.after.to_dict(),
         "paired": outcome.comparison.to_dict(),
+        "judged_on": settings.gate_on,
     }
+    if outcome.views_before is not None and outcome.views_after is not None:
+        # The same tasks with the outside of their human maps swapped: where a shortcut shows.
+        gate_record["counterfactual"] = {
+            "before": outcome.views_before.to_dict(),
+            "after": outcome.views_after.to_dict(),
+            "paired": compare(outcome.views_before, outcome.views_after).to_dict(),
+        }
     record: dict[str, Any] = {
         "project": project,
         "reason": reason,

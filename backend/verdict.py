@@ -41,17 +41,26 @@ class Verdict:
     task_ids: tuple[int, ...]  # the tasks whose annotations were new to the round
 
 
-def _accuracy(gate: dict[str, Any]) -> str:
-    before = (gate.get("before") or {}).get("accuracy")
-    after = (gate.get("after") or {}).get("accuracy")
-    paired = gate.get("paired") or {}
-    count = (gate.get("before") or {}).get("count")
+def _accuracy_change(scores: dict[str, Any], name: str) -> str:
+    """`name`'s accuracy before and after, with the paired changes ("" without both)."""
+    before = (scores.get("before") or {}).get("accuracy")
+    after = (scores.get("after") or {}).get("accuracy")
+    paired = scores.get("paired") or {}
+    count = (scores.get("before") or {}).get("count")
     if before is None or after is None:
         return ""
     return (
-        f"held-out accuracy {before:.2f} -> {after:.2f} "
+        f"{name} {before:.2f} -> {after:.2f} "
         f"({paired.get('fixed', 0)} fixed, {paired.get('broken', 0)} broken, {count} tasks)"
     )
+
+
+def _accuracy(gate: dict[str, Any]) -> str:
+    """The accuracy the gate judged first, then the other one where the record has it."""
+    tasks = _accuracy_change(gate, "held-out accuracy")
+    views = _accuracy_change(gate.get("counterfactual") or {}, "on counterfactual views")
+    parts = [views, tasks] if gate.get("judged_on") == "counterfactual" else [tasks, views]
+    return "; ".join(part for part in parts if part)
 
 
 def verdict_of(record: dict[str, Any]) -> Verdict | None:

@@ -25,6 +25,11 @@ round.
    (a one-sided sign test over the tasks whose class changed from right to wrong and back),
    no loss beyond the margins, enough held-out evidence to judge at all, and a measurable gain:
    more tasks fixed than broken, or maps closer to the human ones.
+5. Counterfactual views (:func:`counterfactual_views`): each judged task with a class and a
+   map is scored again with everything outside its human map taken from another judged task.
+   A project's held-out tasks share its shortcut, so on them a round that stops using the
+   shortcut looks worse; on the views, where the shortcut no longer agrees with the class, it
+   looks better. Both are reported; ``GateMargins.on`` says which the gate judges.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import torch
 
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta
-from model.counterfactual import with_counterfactuals
+from model.counterfactual import counterfactuals, with_counterfactuals
 from model.data import InMemoryMapsDataset
 from model.metrics import map_mse
 from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune
@@ -110,6 +115,15 @@ class GateMargins:
     map_mse: float = 0.01  # mean map distance it may gain
     alpha: float = 0.05  # significance of the paired tests
     min_evidence: int = 5  # held-out tasks needed to judge at all: the sign test's least
+    on: str = "tasks"  # what the gate judges: "tasks", or their "counterfactual" views
+
+    def __post_init__(self) -> None:
+        if self.on not in JUDGED_ON:
+            raise ValueError(f"the gate judges one of {', '.join(JUDGED_ON)}, not {self.on!r}")
+
+
+# What a round can be judged on: the held-out tasks as labelled, or their counterfactual views.
+JUDGED_ON = ("tasks", "counterfactual")
 
 
 def sign_test(losses: int, wins: int) -> float:
@@ -171,6 +185,10 @@ class RoundOutcome:
     comparison: Comparison
     refusals: list[str]
     judged_on: list[int]  # the held-out examples the gate scored (see :func:`reference`)
+    # The same models on the counterfactual views of the judged tasks with a class and a map
+    # (:func:`counterfactual_views`); None with fewer than two such tasks.
+    views_before: Scores | None = None
+    views_after: Scores | None = None
 
     @property
     def accepted(self) -> bool:
@@ -201,6 +219,31 @@ def reference(examples: Examples, held_out: list[int], min_evidence: int) -> lis
     if sum(bool(evidence[i]) for i in earlier) >= min_evidence:
         return earlier
     return held_out
+
+
+def counterfactual_views(
+    examples: Examples, index: list[int], seed: int = 0
+) -> tuple[torch.Tensor, list[int]]:
+    """One counterfactual view of each example in `index` that has a class and a map: its
+    pixels inside the human map kept, the rest taken from another of them (never itself).
+
+    Returns the views and, for each, the example it shows. Why: held-out tasks drawn from the
+    project share its shortcut (a mark, a background), so a model that leans on it scores well
+    on them; a view keeps the class's evidence where the human says it is and breaks the
+    shortcut's agreement with the class. Fewer than two such examples: no donor, no view.
+    """
+    usable = [i for i in index if int(examples.labels[i]) >= 0 and bool(examples.with_map[i])]
+    if len(usable) < 2:
+        return examples.images.new_empty((0, *examples.images.shape[1:])), []
+    rows = torch.tensor(usable, dtype=torch.long)
+    views, source = counterfactuals(
+        examples.images[rows],
+        examples.maps[rows],
+        torch.ones(len(rows), dtype=torch.bool),
+        1,
+        torch.Generator().manual_seed(seed),
+    )
+    return views, [usable[int(j)] for j in source]
 
 
 @torch.no_grad()
@@ -244,7 +287,12 @@ def score(
     )
 
 
-def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
+def gate(
+    before: Scores,
+    after: Scores,
+    margins: GateMargins,
+    evidence_of: str = "held-out task(s) with a class or a map",
+) -> list[str]:
     """Reasons to refuse the new model; empty means it may be published.
 
     Refused: too little held-out evidence to judge (fewer than ``margins.min_evidence`` tasks
@@ -257,8 +305,8 @@ def gate(before: Scores, after: Scores, margins: GateMargins) -> list[str]:
     evidence = max(len(before.correct), len(before.distances))
     if evidence < margins.min_evidence:
         return [
-            f"too little held-out evidence to judge: {evidence} held-out task(s) with a class or "
-            f"a map, at least {margins.min_evidence} needed; label more tasks"
+            f"too little held-out evidence to judge: {evidence} {evidence_of}, "
+            f"at least {margins.min_evidence} needed; label more tasks"
         ]
     paired = compare(before, after)
     reasons = []
@@ -379,6 +427,8 @@ def run_round(
         examples.maps[held],
         with_map[held],
     )
+    views, viewed = counterfactual_views(examples, judged, seed=config.seed)
+    before_views = predict_all(model, views, device, config.batch_size) if viewed else None
     labels = torch.where(examples.labels >= 0, examples.labels, predicted)
     # An unedited brush is the annotator confirming the map: every brush is a map target.
     images, labels, maps, has_map = (
@@ -419,6 +469,19 @@ def run_round(
         examples.maps[held],
         with_map[held],
     )
+    views_before, views_after = score_views(views, viewed, examples, before_views, tuned, config)
+    if margins.on == "counterfactual":
+        refusals = [
+            f"on the held-out tasks' counterfactual views, {reason}"
+            for reason in gate(
+                views_before or Scores(None, None, 0),
+                views_after or Scores(None, None, 0),
+                margins,
+                evidence_of="held-out task(s) with both a class and a map",
+            )
+        ]
+    else:
+        refusals = gate(before, after, margins)
     return RoundOutcome(
         model=tuned,
         meta=new_meta,
@@ -427,6 +490,26 @@ def run_round(
         before=before,
         after=after,
         comparison=compare(before, after),
-        refusals=gate(before, after, margins),
+        refusals=refusals,
         judged_on=judged,
+        views_before=views_before,
+        views_after=views_after,
     )
+
+
+def score_views(
+    views: torch.Tensor,
+    viewed: list[int],
+    examples: Examples,
+    before: tuple[torch.Tensor, torch.Tensor] | None,
+    model: ABN,
+    config: TrainConfig,
+) -> tuple[Scores | None, Scores | None]:
+    """The served model's predictions on the views (`before`) and `model`'s, scored against
+    the classes and maps of the examples they show; (None, None) without views."""
+    if before is None:
+        return None, None
+    rows = torch.tensor(viewed, dtype=torch.long)
+    truth = examples.labels[rows], examples.maps[rows]
+    after = predict_all(model, views, config.torch_device(), config.batch_size)
+    return score(*before, *truth), score(*after, *truth)

@@ -6,7 +6,8 @@ them from a project's round records; the simulated study (``model/round_study.py
 runs. Several seeds of one strategy are summed up as their mean, with the range as a band.
 
 Written: ``report.md`` (a table per strategy and round, and what the caller adds), and PNG plots
-``accuracy.png`` and ``map_distance.png`` (plus ``shortcut_accuracy.png`` when points carry it).
+``accuracy.png`` and ``map_distance.png`` (plus ``shortcut_accuracy.png`` and
+``counterfactual_accuracy.png`` when points carry them).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ METRICS = {
     "accuracy": ("held-out accuracy", True),
     "map_mse": ("map distance to human maps (MSE)", False),
     "shortcut_accuracy": ("accuracy where the shortcut misleads", True),
+    "counterfactual_accuracy": ("accuracy on counterfactual views", True),
 }
 PLOTS = {"accuracy": "accuracy.png", "map_mse": "map_distance.png",
-         "shortcut_accuracy": "shortcut_accuracy.png"}  # fmt: skip
+         "shortcut_accuracy": "shortcut_accuracy.png",
+         "counterfactual_accuracy": "counterfactual_accuracy.png"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class RoundPoint:
     map_mse: float | None
     seed: int = 0
     shortcut_accuracy: float | None = None  # on the held-out tasks a shortcut gets wrong
+    # on the held-out tasks' counterfactual views (model/round.py's counterfactual_views)
+    counterfactual_accuracy: float | None = None
 
 
 @dataclass(frozen=True)

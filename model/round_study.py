@@ -15,9 +15,12 @@ it is the one a project's round runs with ``ABN_COUNTERFACTUALS``, ``ABN_LEARNIN
 ``ABN_GUIDED_COPIES`` (``model/round.py``), and
 `finetune_lr` is ``ABN_FINETUNE_LR``.
 After each round the model is scored on the validation split with the gate's own scoring
-(``model/round.py``'s ``score``: accuracy, and map distance to the human maps), and, on a
-shortcut dataset (``model/paper/shortcut.py``), on the validation images whose cue names
-another class.
+(``model/round.py``'s ``score``: accuracy, and map distance to the human maps), on the
+split's counterfactual views (``counterfactual_views``), and, on a shortcut dataset
+(``model/paper/shortcut.py``), on the validation images whose cue names another class.
+The gate is asked of every round too, with the validation split as the project's held-out
+tasks, judging once on the tasks and once on their views: a project's held-out tasks share its
+shortcut, so the report counts which judge publishes the rounds that help where it misleads.
 
     python -m model round-study --data decoy-digits --out docs/results/round-study
 
@@ -29,6 +32,7 @@ the accuracy where the shortcut misleads, which is what the corrections are for.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import time
@@ -44,7 +48,16 @@ from model.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from model.data import AttentionDataset, InMemoryMapsDataset
 from model.paper.shortcut import conflicting, has_cues
 from model.paper.sweep import carve_validation
-from model.round import fine_tuning_set, predict_all, score
+from model.round import (
+    Examples,
+    GateMargins,
+    Scores,
+    counterfactual_views,
+    fine_tuning_set,
+    gate,
+    predict_all,
+    score,
+)
 from model.round_report import (
     METRICS,
     RoundPoint,
@@ -89,12 +102,39 @@ class Split:
     maps: torch.Tensor
     has_map: torch.Tensor
     shortcut: torch.Tensor | None = None  # a shortcut dataset: the cue names another class
+    views: torch.Tensor | None = None  # counterfactual views of the examples in `viewed`
+    viewed: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One model on the validation split: the gate's scores on the tasks and on their views,
+    and the accuracy where a shortcut misleads."""
+
+    tasks: Scores
+    views: Scores | None
+    shortcut: float | None
+
+
+@dataclass(frozen=True)
+class GateCall:
+    """The gate's verdict on one round, judged on the validation tasks and on their views,
+    beside what the round did where the shortcut misleads (None: no shortcut dataset)."""
+
+    strategy: str
+    seed: int
+    round: int
+    published_on_tasks: bool
+    published_on_views: bool
+    shortcut_before: float | None
+    shortcut_after: float | None
 
 
 @dataclass
 class StudyResult:
     points: list[RoundPoint]
     facts: dict[str, float] = field(default_factory=dict)
+    gate_calls: list[GateCall] = field(default_factory=list)
 
 
 def load_split(data_dir: Path, split: str, meta: CheckpointMeta) -> Split:
@@ -129,17 +169,44 @@ def confidences(
     return torch.cat(tops), torch.cat(classes), torch.cat(maps)
 
 
-def measure(
-    model: ABN, val: Split, device: torch.device, batch_size: int
-) -> tuple[float | None, float | None, float | None]:
-    """Accuracy, map distance (the gate's scoring) and shortcut accuracy on `val`."""
+def with_views(split: Split, seed: int) -> Split:
+    """`split` with a counterfactual view of each example that has a class and a map."""
+    n = len(split.labels)
+    examples = Examples(split.images, split.labels, split.maps, tuple(range(n)), split.has_map)
+    views, viewed = counterfactual_views(examples, list(range(n)), seed)
+    return dataclasses.replace(split, views=views, viewed=tuple(viewed))
+
+
+def measure(model: ABN, val: Split, device: torch.device, batch_size: int) -> Measured:
+    """The gate's scores on `val` and on its views, and the shortcut accuracy."""
     predicted, attention = predict_all(model, val.images, device, batch_size)
-    scores = score(predicted, attention, val.labels, val.maps, val.has_map)
+    tasks = score(predicted, attention, val.labels, val.maps, val.has_map)
+    views = None
+    if val.views is not None and val.viewed:
+        rows = torch.tensor(val.viewed, dtype=torch.long)
+        views = score(
+            *predict_all(model, val.views, device, batch_size), val.labels[rows], val.maps[rows]
+        )
     shortcut = None
     if val.shortcut is not None and bool(val.shortcut.any()):
         right = predicted[val.shortcut] == val.labels[val.shortcut]
         shortcut = float(right.float().mean())
-    return scores.accuracy, scores.map_mse, shortcut
+    return Measured(tasks, views, shortcut)
+
+
+def gate_call(before: Measured, after: Measured, strategy: str, seed: int, number: int) -> GateCall:
+    """What the gate, with the product's default margins, says of a round on either judge."""
+    margins = GateMargins()
+    no_views = Scores(None, None, 0)
+    return GateCall(
+        strategy=strategy,
+        seed=seed,
+        round=number,
+        published_on_tasks=not gate(before.tasks, after.tasks, margins),
+        published_on_views=not gate(before.views or no_views, after.views or no_views, margins),
+        shortcut_before=before.shortcut,
+        shortcut_after=after.shortcut,
+    )
 
 
 def train_config(
@@ -183,16 +250,22 @@ def run_strategy(
     strategy: str,
     settings: StudySettings,
     seed: int,
-) -> list[RoundPoint]:
-    """Rounds of one strategy from a copy of `base`; a point before them and after each."""
+) -> tuple[list[RoundPoint], list[GateCall]]:
+    """Rounds of one strategy from a copy of `base`: a point before them and after each, and
+    the gate's verdict on each round."""
     config = train_config(settings, seed, settings.finetune_epochs, settings.finetune_lr)
     device = config.torch_device()
     model = copy.deepcopy(base).to(device)
     corrected: list[int] = []
+    calls: list[GateCall] = []
+    measured = measure(model, val, device, 256)
 
     def point(number: int) -> RoundPoint:
-        accuracy, distance, shortcut = measure(model, val, device, 256)
-        return RoundPoint(strategy, number, len(corrected), accuracy, distance, seed, shortcut)
+        views = None if measured.views is None else measured.views.accuracy
+        return RoundPoint(
+            strategy, number, len(corrected), measured.tasks.accuracy, measured.tasks.map_mse,
+            seed, measured.shortcut, views,
+        )  # fmt: skip
 
     points = [point(0)]
     for number in range(1, settings.rounds + 1):
@@ -241,6 +314,8 @@ def run_strategy(
             data_label=f"round {number} of {strategy}",
             learning_stages=settings.learning_stages,
         )
+        before, measured = measured, measure(model, val, device, 256)
+        calls.append(gate_call(before, measured, strategy, seed, number))
         points.append(point(number))
         p = points[-1]
         log.info(
@@ -253,7 +328,7 @@ def run_strategy(
             p.map_mse or 0.0,
             "" if p.shortcut_accuracy is None else f", where misled {p.shortcut_accuracy:.4f}",
         )
-    return points
+    return points, calls
 
 
 def first_model(
@@ -289,12 +364,14 @@ def run_study(data_dir: str | Path, work_dir: str | Path, settings: StudySetting
         carved = carve_validation(data_dir, work_dir / f"seed{seed}", settings.fraction, seed)
         base, meta = first_model(carved, work_dir, settings, seed)
         pool = load_split(carved, "train", meta)
-        val = load_split(carved, "test", meta)
+        val = with_views(load_split(carved, "test", meta), seed)
         result.facts.update(pool=len(pool.labels), validation=len(val.labels))
         if val.shortcut is not None:
             result.facts[f"shortcut_images_seed{seed}"] = int(val.shortcut.sum())
         for strategy in settings.strategies:
-            result.points += run_strategy(base, meta, pool, val, strategy, settings, seed)
+            points, calls = run_strategy(base, meta, pool, val, strategy, settings, seed)
+            result.points += points
+            result.gate_calls += calls
     result.facts["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
@@ -388,6 +465,7 @@ def write_study(result: StudyResult, settings: StudySettings, out_dir: Path, com
                 "settings": asdict(settings),
                 "facts": result.facts,
                 "points": [asdict(p) for p in result.points],
+                "gate_calls": [asdict(c) for c in result.gate_calls],
             },
             indent=1,
         )
@@ -417,8 +495,43 @@ def write_study(result: StudyResult, settings: StudySettings, out_dir: Path, com
             "so a single image moves it by several points.",
         ]
     return write_report(
-        result.points, out_dir, "Active-learning strategies, simulated (oracle annotator)", intro
+        result.points,
+        out_dir,
+        "Active-learning strategies, simulated (oracle annotator)",
+        intro,
+        gate_lines(result.gate_calls),
     )
+
+
+def gate_lines(calls: Sequence[GateCall]) -> list[str]:
+    """How each judge of the gate decided the study's rounds, against what each round did where
+    the shortcut misleads (a shortcut dataset only)."""
+    judged = [c for c in calls if c.shortcut_before is not None and c.shortcut_after is not None]
+    if not judged:
+        return []
+    lines = [
+        "## The gate on these rounds",
+        "",
+        "Each round judged by the product's gate (default margins) with the validation split as "
+        "the project's held-out tasks: once on the tasks as they are (`ABN_GATE_ON=tasks`, the "
+        "default), once on their counterfactual views (`ABN_GATE_ON=counterfactual`). A round "
+        '"helps where misled" when it raised accuracy on the validation images whose cue names '
+        "another class, which the held-out tasks cannot show.",
+        "",
+        "| judged on | rounds | published | helps where misled: published / refused "
+        "| does not help: published / refused |",
+        "|---|---|---|---|---|",
+    ]
+    for name, published in (("tasks", lambda c: c.published_on_tasks),
+                            ("counterfactual views", lambda c: c.published_on_views)):  # fmt: skip
+        helps = [c for c in judged if c.shortcut_after > c.shortcut_before]
+        others = [c for c in judged if c not in helps]
+        lines.append(
+            f"| {name} | {len(judged)} | {sum(map(published, judged))} "
+            f"| {sum(map(published, helps))} / {sum(not published(c) for c in helps)} "
+            f"| {sum(map(published, others))} / {sum(not published(c) for c in others)} |"
+        )
+    return [*lines, ""]
 
 
 def parse_list(text: str) -> tuple[str, ...]:

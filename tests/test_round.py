@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from squares import CLASSES, square_image
@@ -15,6 +17,7 @@ from model.round import (
     Examples,
     GateMargins,
     Scores,
+    counterfactual_views,
     gate,
     is_held_out,
     reference,
@@ -303,3 +306,61 @@ def test_a_round_lets_the_trunks_last_stage_learn_only_when_asked() -> None:
         layer3[stages] = any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
         assert outcome.meta["settings"]["learning_stages"] == stages
     assert layer3 == {0: False, 1: True}
+
+
+def test_a_counterfactual_view_keeps_the_human_map_and_swaps_the_rest() -> None:
+    """Each image is one flat value; its map covers the left half. A view must show its own
+    value on the left and another example's on the right, for the tasks with a class and a map
+    only."""
+    n = 6
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()
+    maps = torch.zeros(n, 1, 2, 2)
+    maps[..., 0] = 1.0  # the left column of the map: the left half of the image
+    examples = Examples(
+        images=images,
+        labels=torch.tensor([0, 1, -1, 0, 1, 0]),  # example 2 has no class
+        maps=maps,
+        keys=tuple(range(n)),
+        has_map=torch.tensor([True, True, True, False, True, True]),  # example 3 has no map
+    )
+    views, shown = counterfactual_views(examples, [0, 1, 2, 3, 4, 5], seed=3)
+    assert shown == [0, 1, 4, 5]
+    for view, source in zip(views, shown, strict=True):
+        assert torch.all(view[:, :, 0] == source)  # the far left: all its own
+        donor = float(view[0, 0, -1])  # the far right: all another's
+        assert donor != source and donor in (0.0, 1.0, 4.0, 5.0)
+    again, _ = counterfactual_views(examples, [0, 1, 2, 3, 4, 5], seed=3)
+    assert torch.equal(views, again)  # the same views before and after a round
+    none, nobody = counterfactual_views(examples, [0, 2, 3], seed=3)  # a single usable task
+    assert nobody == [] and len(none) == 0
+
+
+def test_the_gate_judges_counterfactual_views_only_when_told() -> None:
+    with pytest.raises(ValueError, match="tasks, counterfactual"):
+        GateMargins(on="views")
+    torch.manual_seed(0)
+    n = 24
+    examples = Examples(
+        images=torch.randn(n, 3, 32, 32),
+        labels=torch.tensor([i % 3 for i in range(n)]),
+        maps=torch.rand(n, 1, 2, 2),
+        keys=tuple(range(500, 500 + n)),
+    )
+    config = TrainConfig(epochs=1, batch_size=8, device="cpu")
+    meta = make_meta("abn", "resnet18", ["a", "b", "c"], image_size=32)
+    margins = GateMargins(accuracy=1.0, map_mse=-1.0, min_evidence=1)  # nothing passes
+    for on in ("tasks", "counterfactual"):
+        outcome = run_round(
+            build_abn("resnet18", 3), meta, examples, config,
+            margins=dataclasses.replace(margins, on=on), holdout_fraction=0.4,
+        )  # fmt: skip
+        assert outcome.views_before is not None and outcome.views_after is not None
+        assert outcome.views_before.count == len(outcome.judged_on)  # each has class and map
+        on_views = gate(outcome.views_before, outcome.views_after, margins)
+        on_tasks = gate(outcome.before, outcome.after, margins)
+        expected = (
+            [f"on the held-out tasks' counterfactual views, {r}" for r in on_views]
+            if on == "counterfactual"
+            else on_tasks
+        )
+        assert outcome.refusals == expected and outcome.refusals

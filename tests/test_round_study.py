@@ -17,8 +17,10 @@ from PIL import Image
 
 from model.round_report import RoundPoint
 from model.round_study import (
+    GateCall,
     Split,
     StudySettings,
+    gate_lines,
     round_examples,
     run_study,
     train_config,
@@ -59,6 +61,11 @@ def test_a_tiny_study_writes_its_points_report_and_plots(tmp_path: Path) -> None
     for p in saved["points"]:
         assert 0.0 <= p["accuracy"] <= 1.0 and p["map_mse"] >= 0.0
         assert p["shortcut_accuracy"] is None  # no shortcut dataset: not measured
+        assert 0.0 <= p["counterfactual_accuracy"] <= 1.0  # both validation images have maps
+    # Each round is put to the gate on either judge: two validation tasks are too few to judge.
+    calls = [(c["strategy"], c["round"], c["published_on_tasks"], c["published_on_views"])
+             for c in saved["gate_calls"]]  # fmt: skip
+    assert calls == [("random", 1, False, False), ("least-confident", 1, False, False)]
     # Round 0 of every strategy is the same first model, measured once per strategy.
     firsts = [p for p in saved["points"] if p["round"] == 0]
     assert firsts[0]["accuracy"] == firsts[1]["accuracy"]
@@ -75,6 +82,8 @@ def test_a_tiny_study_writes_its_points_report_and_plots(tmp_path: Path) -> None
         with Image.open(out / name) as plot:
             assert plot.format == "PNG" and plot.width > 100
     assert not (out / "shortcut_accuracy.png").exists()
+    assert "](counterfactual_accuracy.png)" in text
+    assert "The gate on these rounds" not in text  # nothing to set its verdicts against
     # The first model is kept in the work folder and reused by the next run.
     [checkpoint] = (tmp_path / "work" / "data").glob("abn-32px-1ep-seed0.pt")
     stamp = checkpoint.stat().st_mtime_ns
@@ -165,6 +174,7 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     )
     text = write_study(other, objective, tmp_path / "report", "round-study").read_text()
     assert "On accuracy where the shortcut misleads:" in text
+    assert "## The gate on these rounds" in text and len(other.gate_calls) == 2
     assert "counterfactual_copies=2, learning_stages=1" in text
     # The backend's opt-in guided objective reaches the rounds; so does a gentler
     # learning rate (a hundredth of the first model's: the maps move less).
@@ -207,3 +217,20 @@ def test_a_gain_of_random_below_one_validation_image_per_seed_is_not_judged() ->
     assert "**Goal met on held-out accuracy** by misclassified." in judged
     # With fewer validation images the same gain is noise.
     assert "goal not judged" in "\n".join(verdict(points(0.92), settings, {"validation": 40}))
+
+
+def test_the_gate_table_sets_each_judges_verdicts_against_the_misled_images() -> None:
+    def call(tasks: bool, views: bool, before: float, after: float) -> GateCall:
+        return GateCall("random", 0, 1, tasks, views, before, after)
+
+    calls = [
+        call(False, True, 0.5, 0.8),  # helps: refused on tasks, published on views
+        call(False, True, 0.4, 0.6),
+        call(True, False, 0.6, 0.6),  # no change does not help
+        call(False, False, 0.7, 0.5),
+        GateCall("random", 0, 2, True, True, None, None),  # no shortcut measure: left out
+    ]
+    lines = gate_lines(calls)
+    assert "| tasks | 4 | 1 | 0 / 2 | 1 / 1 |" in lines
+    assert "| counterfactual views | 4 | 2 | 2 / 0 | 0 / 2 |" in lines
+    assert gate_lines(calls[-1:]) == []

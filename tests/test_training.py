@@ -187,8 +187,41 @@ def test_the_round_objective_settings_are_read_and_bad_values_refused() -> None:
     )  # fmt: skip
     assert (chosen.learning_stages, chosen.counterfactuals, chosen.verdict_tab) == (1, 4, False)
     assert chosen.guided_copies
+    assert defaults.gate_on == "tasks"
+    assert Settings.from_env({"ABN_GATE_ON": " Counterfactual "}).gate_on == "counterfactual"
     for name, bad in (("ABN_LEARNING_STAGES", "4"), ("ABN_LEARNING_STAGES", "-1"),
                       ("ABN_LEARNING_STAGES", "layer3"), ("ABN_VERDICT_TAB", "maybe"),
-                      ("ABN_GUIDED_COPIES", "often")):  # fmt: skip
+                      ("ABN_GUIDED_COPIES", "often"), ("ABN_GATE_ON", "views")):  # fmt: skip
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: bad})
+
+
+def test_a_round_judged_on_counterfactual_views_records_both_and_says_what_it_lacks(
+    tmp_path: Path, fake_ls: FakeLabelStudio, tiny_checkpoint: Path
+) -> None:
+    settings = settings_for(tmp_path, fake_ls).replace(
+        gate_on="counterfactual", holdout_fraction=0.5
+    )
+    ModelRegistry(settings.model_dir, "12").publish_file(tiny_checkpoint)
+    store = LoopStore(settings.layout.corrections_db)
+    store.remember_label_config("12", label_config_for(CLASSES))
+    for aid in range(1, 13):  # classes alone: nothing a view can be made of
+        fake_ls.add(f"/data/upload/12/{aid}.png", png_bytes(color=(20 * aid, 90, 90)))
+        store.put(labelled("12", aid, CLASSES[aid % 3]))
+    record = train_project("12", settings, "START_TRAINING")
+    assert record["status"] == "rejected" and record["gate"]["judged_on"] == "counterfactual"
+    assert "counterfactual" not in record["gate"]  # no held-out task has a map
+    [reason] = record["reasons"]
+    assert reason.startswith("on the held-out tasks' counterfactual views, too little")
+    assert "with both a class and a map" in reason
+
+    for aid in range(13, 25):  # now with maps: the views exist and are the gate's evidence
+        fake_ls.add(f"/data/upload/12/{aid}.png", png_bytes(color=(9 * aid, 30, 160)))
+        store.put(labelled("12", aid, CLASSES[aid % 3], np.full((4, 4), 0.5, np.float32)))
+    record = train_project("12", settings, "START_TRAINING")
+    views = record["gate"]["counterfactual"]
+    held = set(record["judged_annotation_ids"])
+    assert 2 <= views["before"]["count"] == len(held & set(range(13, 25)))
+    assert views["after"]["count"] == views["before"]["count"]
+    assert set(views["paired"]) >= {"fixed", "broken", "p_accuracy_worse"}
+    assert record["status"] in ("published", "rejected")

@@ -63,6 +63,31 @@ def test_the_verdict_says_the_outcome_and_its_numbers() -> None:
     assert many.title.endswith(f"[the tab holds the first {TAB_TASKS} of its 5000 new tasks]")
 
 
+def test_the_verdict_puts_first_the_accuracy_the_gate_judged() -> None:
+    views = {
+        "before": {"accuracy": 0.3, "count": 8},
+        "after": {"accuracy": 0.7, "count": 8},
+        "paired": {"fixed": 4, "broken": 1},
+    }
+    record = {"status": "published", "version": "p3-v3", "new_task_ids": [1]}
+    judged_on_views = verdict_of(
+        {**record, "gate": {**GATE, "judged_on": "counterfactual", "counterfactual": views}}
+    )
+    assert judged_on_views is not None
+    assert judged_on_views.title == (
+        "ABN: round published as p3-v3: on counterfactual views 0.30 -> 0.70 "
+        "(4 fixed, 1 broken, 8 tasks); held-out accuracy 0.20 -> 0.60 "
+        "(4 fixed, 0 broken, 10 tasks)"
+    )
+    on_tasks = verdict_of({**record, "gate": {**GATE, "counterfactual": views}})
+    assert on_tasks is not None and on_tasks.title.startswith(
+        "ABN: round published as p3-v3: held-out accuracy 0.20 -> 0.60"
+    )
+    assert on_tasks.title.endswith(
+        "on counterfactual views 0.30 -> 0.70 (4 fixed, 1 broken, 8 tasks)"
+    )
+
+
 def test_a_label_studio_that_cannot_be_reached_loses_nothing(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
