@@ -531,6 +531,21 @@ def gate_lines(calls: Sequence[GateCall]) -> list[str]:
             f"| {sum(map(published, helps))} / {sum(not published(c) for c in helps)} "
             f"| {sum(map(published, others))} / {sum(not published(c) for c in others)} |"
         )
+    lines += [
+        "",
+        "By round (a round is judged against the model before it, over every strategy and "
+        "seed; the study goes on from a round whichever the verdict):",
+        "",
+        "| round | rounds | helps where misled | published on tasks | published on views |",
+        "|---|---|---|---|---|",
+    ]
+    for number in sorted({c.round for c in judged}):
+        mine = [c for c in judged if c.round == number]
+        lines.append(
+            f"| {number} | {len(mine)} | {sum(c.shortcut_after > c.shortcut_before for c in mine)} "
+            f"| {sum(c.published_on_tasks for c in mine)} "
+            f"| {sum(c.published_on_views for c in mine)} |"
+        )
     return [*lines, ""]
 
 

@@ -233,4 +233,5 @@ def test_the_gate_table_sets_each_judges_verdicts_against_the_misled_images() ->
     lines = gate_lines(calls)
     assert "| tasks | 4 | 1 | 0 / 2 | 1 / 1 |" in lines
     assert "| counterfactual views | 4 | 2 | 2 / 0 | 0 / 2 |" in lines
+    assert "| 1 | 4 | 2 | 1 | 2 |" in lines  # the last call is of round 2, without a measure
     assert gate_lines(calls[-1:]) == []
