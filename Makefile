@@ -94,6 +94,20 @@ results: $(VENV)/.installed
 		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
 		--rounds 5 --size 20 --seeds 0,1,2 --epochs 4 --finetune-epochs 4 --image-size 64 \
 		--device cpu --counterfactuals 4 --learning-stages 1 --replay 200
+	$(BIN)/python -m model round-study --data decoy-digits \
+		--out docs/results/gate-study/decoy-digits-guided --work-dir runs/round-study \
+		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200 \
+		--counterfactuals 2 --learning-stages 1 --guided-copies
+	$(BIN)/python -m model round-study --data decoy-digits \
+		--out docs/results/gate-study/decoy-digits-paper --work-dir runs/round-study \
+		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200
+	$(BIN)/python -m model round-study --data texture-shapes \
+		--out docs/results/gate-study/texture-shapes --work-dir runs/round-study \
+		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 4 --replay 200 \
+		--counterfactuals 4 --learning-stages 1
 	$(BIN)/python -m model reproduce --data texture-shapes \
 		--out docs/results/objectives/texture-shapes --objective counterfactual \
 		--objective dont-look --objective counterfactual-layer3 \
