@@ -94,6 +94,11 @@ results: $(VENV)/.installed
 		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
 		--rounds 5 --size 20 --seeds 0,1,2 --epochs 4 --finetune-epochs 4 --image-size 64 \
 		--device cpu --counterfactuals 4 --learning-stages 1 --replay 200
+	$(BIN)/python -m model round-study --data texture-shapes \
+		--out docs/results/round-study-texture-shapes-gentle --work-dir runs/round-study \
+		--strategies random,least-confident,misclassified,map-entropy,map-disagreement \
+		--rounds 5 --size 20 --seeds 0,1,2 --epochs 4 --finetune-epochs 4 --image-size 64 \
+		--device cpu --counterfactuals 4 --learning-stages 1 --replay 200 --finetune-lr 0.00125
 	$(BIN)/python -m model round-study --data decoy-digits \
 		--out docs/results/gate-study/decoy-digits-guided --work-dir runs/round-study \
 		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
