@@ -9,7 +9,8 @@ Label Studio would send them:
 1. one class annotation per task, then ``START_TRAINING``: the time until ``/predict`` for the
    project is answered by its first version ``p1-v1``;
 2. an edited attention brush on every task, then ``START_TRAINING``: the time until the
-   fine-tuned ``p1-v2`` answers.
+   fine-tuned ``p1-v2`` answers, or, when the gate refuses the round, until its verdict is
+   written (printed with the gate's reasons).
 
 Each is printed with the goal (5 minutes) and with the share of it the machine learning itself
 took (the job's own training time, measured in the same run), so the overhead of fetching,
@@ -99,6 +100,25 @@ def wait_for_version(session: requests.Session, base: str, version: str, limit: 
     raise SystemExit(f"{version} did not answer within {limit:.0f} s")
 
 
+def wait_for_round(
+    session: requests.Session, base: str, record: Path, since: float, limit: float
+) -> tuple[float, dict[str, Any]]:
+    """Seconds until the round started after `since` (wall clock) has an outcome: its version
+    answering when the gate published it, or its job record when it was refused or failed."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        outcome = json.loads(record.read_text()) if record.exists() else {}
+        if float(outcome.get("started_at") or 0) >= since:
+            if outcome.get("status") == "published":
+                waited = time.monotonic() - started
+                left = limit - waited
+                return waited + wait_for_version(session, base, outcome["version"], left), outcome
+            if outcome.get("status") in ("rejected", "failed", "skipped"):
+                return time.monotonic() - started, outcome
+        time.sleep(0.5)
+    raise SystemExit(f"the round had no outcome within {limit:.0f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=100)
@@ -134,9 +154,11 @@ def main() -> None:
             for aid, (path, (_, label)) in enumerate(pictures.items()):
                 event = annotation(aid, path, label, args.image_size, brush=True)
                 session.post(base + "/webhook", json=event, timeout=30).raise_for_status()
+            since = time.time()
             session.post(base + "/webhook", json=start, timeout=30).raise_for_status()
-            round_s = wait_for_version(session, base, "p1-v2", 1800)
-            tuned = json.loads((model_dir / "jobs" / "1.json").read_text())
+            round_s, tuned = wait_for_round(
+                session, base, model_dir / "jobs" / "1.json", since, 1800
+            )
     finally:
         images.shutdown()
         images.server_close()
@@ -150,9 +172,19 @@ def main() -> None:
     )
     print(
         f"  {report['epochs_run']} epochs (stopped by {report['stopped_by']}), best epoch "
-        f"{report['best_epoch']}, validation accuracy {report['validation_accuracy']:.3f} on "
-        f"{report['validated_on']} held-out tasks"
+        f"{report['best_epoch']}, validation accuracy "
+        + (
+            f"{report['validation_accuracy']:.3f} on {report['validated_on']} held-out tasks"
+            if report["validation_accuracy"] is not None
+            else "- (too few tasks to hold any out)"
+        )
     )
+    if tuned["status"] != "published":  # the served version stays; say why, with the numbers
+        print(
+            f"{args.tasks} corrections -> round {tuned['status']} after {round_s:7.1f} s  "
+            f"({round_s / GOAL_S:.2f} of the goal): {'; '.join(tuned.get('reasons') or ())}"
+        )
+        return
     print(
         f"{args.tasks} corrections -> fine-tuned version answering  {round_s:7.1f} s  "
         f"({round_s / GOAL_S:.2f} of the goal; gate: {tuned['status']})"
