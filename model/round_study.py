@@ -366,6 +366,7 @@ def run_study(data_dir: str | Path, work_dir: str | Path, settings: StudySetting
         pool = load_split(carved, "train", meta)
         val = with_views(load_split(carved, "test", meta), seed)
         result.facts.update(pool=len(pool.labels), validation=len(val.labels))
+        result.facts[f"views_seed{seed}"] = len(val.viewed)
         if val.shortcut is not None:
             result.facts[f"shortcut_images_seed{seed}"] = int(val.shortcut.sum())
         for strategy in settings.strategies:
@@ -380,11 +381,12 @@ def verdict(
     points: Sequence[RoundPoint], settings: StudySettings, facts: dict[str, float]
 ) -> list[str]:
     """Whether the best strategy reaches random's final accuracy with half its corrections:
-    on accuracy, and where a shortcut dataset has them, on the images its cue misleads."""
+    on accuracy, where a shortcut dataset has them on the images its cue misleads, and on the
+    counterfactual views (one per validation image, so many more images than the misled)."""
     if "random" not in settings.strategies:
         return ["No random baseline in this study: the goal cannot be judged."]
     lines: list[str] = []
-    for metric in ("accuracy", "shortcut_accuracy"):
+    for metric in ("accuracy", "shortcut_accuracy", "counterfactual_accuracy"):
         if any(getattr(p, metric) is not None for p in points):
             lines += verdict_on(points, settings, metric, one_image(facts, metric, settings))
     return lines
@@ -392,9 +394,13 @@ def verdict(
 
 def one_image(facts: dict[str, float], metric: str, settings: StudySettings) -> float:
     """What one validation image per seed is worth on `metric`, averaged over the seeds."""
+    per_seed = {
+        "shortcut_accuracy": "shortcut_images_seed",
+        "counterfactual_accuracy": "views_seed",
+    }
     counts = [
-        facts.get(f"shortcut_images_seed{seed}", 0)
-        if metric == "shortcut_accuracy"
+        facts.get(f"{per_seed[metric]}{seed}", 0)
+        if metric in per_seed
         else facts.get("validation", 0)
         for seed in settings.seeds
     ]
@@ -493,6 +499,15 @@ def write_study(result: StudyResult, settings: StudySettings, out_dir: Path, com
             '"Accuracy where the shortcut misleads" is on the validation images whose cue '
             f"names another class ({', '.join(f'{c:g}' for c in counts)} per seed): few images, "
             "so a single image moves it by several points.",
+        ]
+    if any(p.counterfactual_accuracy is not None for p in result.points):
+        counts = [v for k, v in result.facts.items() if k.startswith("views_seed")]
+        intro += [
+            "",
+            '"Accuracy on counterfactual views" is on one view of each validation image that has '
+            "a class and a map: the pixels inside its human map kept, the rest taken from another "
+            "validation image, whose cue mostly names another class "
+            f"({', '.join(f'{c:g}' for c in counts)} views per seed).",
         ]
     return write_report(
         result.points,

@@ -162,6 +162,8 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     paper = run_study(data, tmp_path / "work", settings)
     misled = paper.facts["shortcut_images_seed0"]
     assert misled >= 1
+    # Every validation image has a class and a map, so each has its view.
+    assert paper.facts["views_seed0"] == paper.facts["validation"] >= 2
     assert all(p.shortcut_accuracy is not None for p in paper.points)
     assert all(p.shortcut_accuracy * misled == pytest.approx(round(p.shortcut_accuracy * misled))
                for p in paper.points)  # fmt: skip
@@ -174,6 +176,8 @@ def test_on_a_shortcut_dataset_the_misled_images_are_scored_and_the_objective_re
     )
     text = write_study(other, objective, tmp_path / "report", "round-study").read_text()
     assert "On accuracy where the shortcut misleads:" in text
+    assert "On accuracy on counterfactual views:" in text
+    assert f"({other.facts['views_seed0']:g} views per seed)" in text
     assert "## The gate on these rounds" in text and len(other.gate_calls) == 2
     assert "counterfactual_copies=2, learning_stages=1" in text
     # The backend's opt-in guided objective reaches the rounds; so does a gentler
@@ -217,6 +221,38 @@ def test_a_gain_of_random_below_one_validation_image_per_seed_is_not_judged() ->
     assert "**Goal met on held-out accuracy** by misclassified." in judged
     # With fewer validation images the same gain is noise.
     assert "goal not judged" in "\n".join(verdict(points(0.92), settings, {"validation": 40}))
+
+
+def test_the_goal_is_judged_on_the_counterfactual_views_with_their_own_image_count() -> None:
+    settings = replace(SETTINGS, strategies=("random", "map-disagreement"), seeds=(0, 1))
+
+    def points(random_final: float, best_at_half: float) -> list[RoundPoint]:
+        rows = []
+        for seed in (0, 1):
+            for strategy, curve in (
+                ("random", (0.25, 0.26, random_final)),
+                ("map-disagreement", (0.25, best_at_half, best_at_half)),
+            ):
+                for number, views in enumerate(curve):
+                    rows.append(
+                        RoundPoint(strategy, number, 20 * number, 0.9, 0.1, seed, None, views)
+                    )
+        return rows
+
+    facts = {"validation": 200, "views_seed0": 200, "views_seed1": 200}  # one view: 0.5 points
+    met = "\n".join(verdict(points(0.30, 0.31), settings, facts))
+    assert "On accuracy on counterfactual views: random selection's final mean is 30.00 %" in met
+    assert "**Goal met on accuracy on counterfactual views** by map-disagreement." in met
+    missed = "\n".join(verdict(points(0.30, 0.29), settings, facts))
+    assert "**Goal not met on accuracy on counterfactual views**" in missed
+    # Random's 5 points are noise when each seed has only 10 views (10 points a view).
+    few = {"validation": 200, "views_seed0": 10, "views_seed1": 10}
+    noise = "\n".join(verdict(points(0.30, 0.31), settings, few))
+    assert "no more than one validation image per seed (10.00 points)" in noise
+    assert "Goal met" not in noise
+    # A study without views says nothing of them.
+    plain = [replace(p, counterfactual_accuracy=None) for p in points(0.30, 0.31)]
+    assert "counterfactual views" not in "\n".join(verdict(plain, settings, facts))
 
 
 def test_the_gate_table_sets_each_judges_verdicts_against_the_misled_images() -> None:
