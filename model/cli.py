@@ -24,7 +24,7 @@ from model.paper.decoy_digits import NAME as DECOY_DIGITS
 from model.paper.decoy_digits import build_decoy_digits
 from model.paper.objectives import OBJECTIVES
 from model.paper.texture_shapes import NAME as TEXTURE_SHAPES
-from model.paper.texture_shapes import build_texture_shapes
+from model.paper.texture_shapes import build_texture_shapes, cue_conflicts
 from model.resnet import ARCHITECTURES
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 BUILTIN_DATA_ROOT = Path("data")
 # The built-in shortcut datasets, generated offline under ./data on first use.
 BUILTIN_DATASETS = {DECOY_DIGITS: build_decoy_digits, TEXTURE_SHAPES: build_texture_shapes}
+# Those that also draw cue-conflict pictures (which cue a model follows).
+BUILTIN_CONFLICTS = {TEXTURE_SHAPES: cue_conflicts}
 
 
 def resolve_data(value: str) -> Path:
@@ -194,6 +196,7 @@ def cmd_objectives(args: argparse.Namespace) -> None:
         [OBJECTIVES[n] for n in names],
         args.finetune_epochs,
         "python -m model " + shlex.join(sys.argv[1:]),
+        BUILTIN_CONFLICTS.get(args.data),
     )
     print(f"wrote {args.out}/report.md (chosen on validation: {summary['chosen_on_validation']})")
 

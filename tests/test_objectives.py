@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from model import build_abn
+from model.abn import ABNOutput
 from model.checkpoint import make_meta
 from model.cli import main
 from model.data import InMemoryMapsDataset, list_samples
 from model.losses import dont_look_loss
 from model.paper.decoy_digits import build_decoy_digits
-from model.paper.objectives import OBJECTIVES, counterfactual_dataset, pooled_mcnemar
+from model.paper.objectives import OBJECTIVES, counterfactual_dataset, follows, pooled_mcnemar
 from model.paper.shortcut import conflicting
-from model.paper.texture_shapes import CLASSES, build_texture_shapes
+from model.paper.texture_shapes import CLASSES, build_texture_shapes, cue_conflicts
 from model.train import TrainConfig, finetune, freeze_trunk
 
 
@@ -114,6 +115,45 @@ def test_texture_shapes_is_deterministic_and_records_its_cues(tmp_path: Path) ->
     assert list_samples(data, "train", classes)[0].map is not None
 
 
+def test_cue_conflict_pictures_set_shape_and_both_textures_against_each_other() -> None:
+    conflicts = cue_conflicts(60, seed=3)
+    assert conflicts.pictures.shape == (60, 64, 64, 3) and conflicts.pictures.dtype == np.uint8
+    for cues in zip(conflicts.shape, conflicts.inside, conflicts.outside, strict=True):
+        assert len(set(cues)) == 3 and set(cues) <= set(CLASSES)
+    assert len(set(conflicts.shape)) == len(CLASSES)  # every class gets its turn
+    again = cue_conflicts(60, seed=3)
+    assert np.array_equal(again.pictures, conflicts.pictures) and again.inside == conflicts.inside
+    assert not np.array_equal(cue_conflicts(60, seed=4).pictures, conflicts.pictures)
+
+
+class FollowsTheClassItIsTold(torch.nn.Module):
+    """Stands in for an ABN: predicts the class named in the picture's top-left pixel."""
+
+    def forward(self, images: torch.Tensor) -> ABNOutput:
+        logits = torch.nn.functional.one_hot(
+            (images[:, 0, 0, 0] > 0).long(), num_classes=len(CLASSES)
+        ).float()
+        attention = torch.zeros(len(images), 1, 4, 4)
+        return ABNOutput(logits, logits, attention)
+
+
+def test_follows_counts_the_predictions_naming_each_cue() -> None:
+    from model.paper.texture_shapes import CueConflicts
+
+    pictures = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    pictures[:3, 0, 0] = 255  # the stand-in predicts classes[1] for these, classes[0] for the last
+    classes = sorted(CLASSES)
+    conflicts = CueConflicts(
+        pictures,
+        shape=(classes[1], classes[1], classes[2], classes[0]),
+        inside=(classes[2], classes[0], classes[1], classes[3]),
+        outside=(classes[0], classes[2], classes[0], classes[1]),
+    )
+    meta = make_meta("abn", "resnet18", classes, image_size=64)
+    shares = follows(FollowsTheClassItIsTold(), meta, conflicts, torch.device("cpu"))
+    assert (shares.shape, shares.inside, shares.outside) == (0.75, 0.25, 0.0)
+
+
 def test_decoy_digits_records_the_patch_colour_as_its_cue(tmp_path: Path) -> None:
     data = build_decoy_digits(tmp_path / "d")
     cues = json.loads((data / "cues.json").read_text())
@@ -167,6 +207,13 @@ def test_reproduce_objective_writes_every_model_and_the_paired_tests(
     assert "counterfactual vs proposed" in report and "dont-look vs control" in report
     assert "proposed vs control" in report and "control vs proposed" not in report
     assert "bound: ABN without the shortcut" in report
+    # texture-shapes draws cue-conflict pictures: every model's shares are reported.
+    assert "## Which cue each model follows (cue-conflict pictures)" in report
+    follows_shape = metrics["models"]["counterfactual-propagated"]["follows_shape"]
+    assert len(follows_shape) == 2 and all(0.0 <= f <= 1.0 for f in follows_shape)
+    for model in metrics["models"].values():
+        for seed in range(2):  # shares of three disjoint cues: at most all predictions
+            assert sum(model[f"follows_{c}"][seed] for c in ("shape", "inside", "outside")) <= 1
     assert not (tmp_path / "results" / "work").exists()  # the carved splits stay under runs/
     assert (tmp_path / "runs" / "objectives" / "texture-shapes" / "seed1" / "carved").is_dir()
 

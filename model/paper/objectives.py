@@ -10,7 +10,10 @@ only whether the maps move but whether the classifier stops using the cue. Per s
 4. fine-tunes one copy of the ABN per objective, the gamma-0 control among them;
 5. scores every model on the validation split (where the choice of a default is made: accuracy on
    the validation images whose cue names another class, the in-TRAIN stand-in for the test
-   split) and on the test split (reported, never used to choose).
+   split) and on the test split (reported, never used to choose);
+6. where the dataset makes cue-conflict pictures (``texture-shapes``), says which cue each model
+   follows: the shape, the texture inside the human map, or the texture outside it. Reported,
+   never used to choose.
 
 Paired tests compare objectives on the same test images, pooled over seeds (exact McNemar).
 """
@@ -30,17 +33,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy.stats import binomtest
 from torch.utils.data import DataLoader
 
 from model.abn import ABN
 from model.checkpoint import CheckpointMeta
 from model.counterfactual import with_counterfactuals
-from model.data import AttentionDataset, InMemoryMapsDataset
+from model.data import AttentionDataset, InMemoryMapsDataset, image_transform
 from model.metrics import map_mse
 from model.paper.reproduce import finetune_dataset, select_samples
 from model.paper.shortcut import conflicting
 from model.paper.sweep import carve_validation
+from model.paper.texture_shapes import CueConflicts
 from model.round import predict_all
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
@@ -48,6 +53,7 @@ log = logging.getLogger(__name__)
 
 CORRECTED_FRACTION = 0.10  # at most this share of the training images is corrected
 VALIDATION_FRACTION = 0.2
+CONFLICT_PICTURES = 800  # per seed, where the dataset has cue-conflict pictures
 
 
 @dataclass(frozen=True)
@@ -115,9 +121,18 @@ class Scores:
         return float(self.correct[mask].mean()) if mask.any() else float("nan")
 
 
+@dataclass(frozen=True)
+class Follows:
+    """On cue-conflict pictures: the share of predictions naming each cue's class."""
+
+    shape: float
+    inside: float
+    outside: float
+
+
 @dataclass
 class SeedRun:
-    """Every model of one seed, scored on validation and test."""
+    """Every model of one seed, scored on validation and test (and cue-conflict pictures)."""
 
     seed: int
     corrected: int
@@ -125,6 +140,7 @@ class SeedRun:
     val: dict[str, Scores] = field(default_factory=dict)
     test: dict[str, Scores] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    follows: dict[str, Follows] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -142,6 +158,22 @@ def score(
             errors.append(map_mse(out.attention.float().cpu()[has_map], maps[has_map]))
     mse = float(torch.cat(errors).mean()) if errors else None
     return Scores(np.concatenate(right), conflicting(dataset.samples, meta.classes), mse)
+
+
+@torch.no_grad()
+def follows(
+    model: ABN, meta: CheckpointMeta, conflicts: CueConflicts, device: torch.device
+) -> Follows:
+    """Which cue `model` follows on pictures whose cues name different classes."""
+    prepare = image_transform(meta.image_size, meta.mean, meta.std)
+    images = torch.stack([prepare(Image.fromarray(p)) for p in conflicts.pictures])
+    predicted, _ = predict_all(model.to(device), images, device, 256)
+    named = np.array([meta.classes[int(k)] for k in predicted])
+
+    def share(cue: tuple[str, ...]) -> float:
+        return float(np.mean(named == np.array(cue)))
+
+    return Follows(share(conflicts.shape), share(conflicts.inside), share(conflicts.outside))
 
 
 def counterfactual_dataset(
@@ -169,8 +201,10 @@ def run_seed(
     config: TrainConfig,
     objectives: Sequence[Objective],
     finetune_epochs: int,
+    conflicts: CueConflicts | None = None,
 ) -> SeedRun:
-    """Train ABN and bound, fine-tune each objective, score all of them (see the module doc)."""
+    """Train ABN and bound, fine-tune each objective, score all of them (see the module doc),
+    and, given `conflicts`, say which cue each follows."""
     device = config.torch_device()
     carved = carve_validation(data_dir, work_dir / "carved", VALIDATION_FRACTION, config.seed)
     twin = carve_validation(twin_dir, work_dir / "twin", VALIDATION_FRACTION, config.seed)
@@ -231,6 +265,8 @@ def run_seed(
     for name, (model, model_meta) in models.items():
         run.val[name] = score(model, model_meta, carved, "test", device)
         run.test[name] = score(model, model_meta, data_dir, "test", device)
+        if conflicts is not None:
+            run.follows[name] = follows(model, model_meta, conflicts, device)
     run.seconds = seconds
     return run
 
@@ -260,6 +296,9 @@ def summarise(runs: Sequence[SeedRun], objectives: Sequence[Objective]) -> dict[
             "val_conflicting": [r.val[name].top1("conflicting") for r in runs],
             "map_mse": [r.test[name].map_mse for r in runs],
         }
+        if name in runs[0].follows:
+            for cue in ("shape", "inside", "outside"):
+                rows[f"follows_{cue}"] = [getattr(r.follows[name], cue) for r in runs]
         table[name] = rows
     abn = statistics.fmean(table["abn"]["test_top1"])
     bound = statistics.fmean(table["bound"]["test_top1"])
@@ -305,6 +344,8 @@ def report_lines(
             f"| {_mean_sd(mse, scale=1.0, digits=4) if mse else '-'} "
             f"| {_mean_sd(rows['val_conflicting'])} |"
         )
+    if r0.follows:
+        lines += follows_lines(runs, described)
     lines += ["", "## Paired tests (test images of every seed pooled, exact McNemar)", ""]
     for objective in objectives:
         for other in ("proposed", "control"):
@@ -335,6 +376,28 @@ def report_lines(
     return lines
 
 
+def follows_lines(runs: Sequence[SeedRun], described: dict[str, str]) -> list[str]:
+    """The cue-conflict table: which cue each model's predictions name, mean ± sd over seeds."""
+    lines = [
+        "",
+        "## Which cue each model follows (cue-conflict pictures)",
+        "",
+        f"{len(runs)} seeds; per seed, {CONFLICT_PICTURES} generated pictures whose shape, texture "
+        "inside the shape's human map and texture outside it name three different classes. A "
+        "share is the predictions naming that cue's class (chance: 25 %).",
+        "",
+        "| model | shape [%] | texture inside the map [%] | texture outside the map [%] |",
+        "|---|---|---|---|",
+    ]
+    for name in runs[0].follows:
+        shares = [r.follows[name] for r in runs]
+        lines.append(
+            f"| {described.get(name, name)} | {_mean_sd([f.shape for f in shares])} "
+            f"| {_mean_sd([f.inside for f in shares])} | {_mean_sd([f.outside for f in shares])} |"
+        )
+    return lines
+
+
 def study(
     name: str,
     build: Callable[..., Path],
@@ -346,11 +409,13 @@ def study(
     objectives: Sequence[Objective],
     finetune_epochs: int,
     command: str,
+    conflicts: Callable[[int, int], CueConflicts] | None = None,
 ) -> dict[str, Any]:
     """Run every seed on one shortcut dataset; write report.md and metrics.json to `out_dir`.
 
     `build(folder, correlation=...)` writes the dataset (its default correlation) and its twin
     (correlation 0); `work_dir` holds the carved splits (symlinks), outside the results.
+    `conflicts(count, seed)`, where the dataset has them, makes each seed's cue-conflict pictures.
     """
     data_dir = build(data_root / name)
     twin_dir = build(data_root / f"{name}-free", correlation=0.0)
@@ -365,6 +430,7 @@ def study(
                 dataclasses.replace(config, seed=seed),
                 objectives,
                 finetune_epochs,
+                conflicts(CONFLICT_PICTURES, seed) if conflicts else None,
             )
         )
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,18 @@ images and random otherwise; in the test split it is always random. The texture 
 the picture and is easier to see than the faint shape, so a network trained on it learns the
 background: the cue is everywhere outside the object, unlike `decoy-digits`' corner patch. The
 human map is the shape's region. Built with `correlation=0`, it is the shortcut-free twin.
+
+The shape is drawn over the texture, not instead of it, so the texture shows inside the human
+map too. `cue_conflicts` makes pictures that tell which cue a model follows: the shape, the
+texture inside the shape's map, and the texture outside it each name a different class (after
+Geirhos et al.'s shape-texture cue-conflict images, 2019).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +81,37 @@ def render(
     picture = np.repeat(picture, 3, axis=2) if picture.shape[2] == 1 else picture
     image = Image.fromarray(picture.clip(0, 255).astype(np.uint8))
     return image, mask.filter(ImageFilter.MaxFilter(3))
+
+
+@dataclass(frozen=True)
+class CueConflicts:
+    """Pictures whose three cues disagree, with the class each cue names."""
+
+    pictures: np.ndarray  # (N, CANVAS, CANVAS, 3) uint8
+    shape: tuple[str, ...]
+    inside: tuple[str, ...]  # the texture inside the shape's (dilated) human map
+    outside: tuple[str, ...]  # the texture everywhere else
+
+
+def cue_conflicts(count: int = 800, seed: int = 0) -> CueConflicts:
+    """`count` pictures drawn as `render` draws them, but with one texture inside the shape's
+    human map and another outside it; shape, inside and outside name three different classes."""
+    textures = [np.asarray(getattr(skdata, name)(), dtype=np.uint8) for name in TEXTURES]
+    rng = np.random.default_rng(seed)
+    pictures, named = [], []
+    for _ in range(count):
+        kind, inside, outside = (int(k) for k in rng.permutation(len(CLASSES))[:3])
+        within = texture_crop(textures[inside], rng)[..., None]
+        beyond = texture_crop(textures[outside], rng)[..., None]
+        mask = shape_mask(CLASSES[kind], rng)
+        region = np.asarray(mask.filter(ImageFilter.MaxFilter(3)), dtype=np.float32)[..., None]
+        weight = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * SHAPE_ALPHA
+        shaded = (1.0 - weight) * within + weight * float(rng.integers(200, 256))
+        picture = np.where(region > 0, shaded, beyond)
+        pictures.append(np.repeat(picture, 3, axis=2).clip(0, 255).astype(np.uint8))
+        named.append((CLASSES[kind], CLASSES[inside], CLASSES[outside]))
+    shape, inside, outside = (tuple(column) for column in zip(*named, strict=True))
+    return CueConflicts(np.stack(pictures), shape, inside, outside)
 
 
 def build_texture_shapes(out_dir: str | Path, correlation: float = 0.9, seed: int = 0) -> Path:
