@@ -105,6 +105,11 @@ results: $(VENV)/.installed
 		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200 \
 		--counterfactuals 2 --learning-stages 1 --guided-copies
 	$(BIN)/python -m model round-study --data decoy-digits \
+		--out docs/results/round-study-balanced --work-dir runs/round-study \
+		--strategies random,class-balanced --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200 \
+		--counterfactuals 2 --learning-stages 1 --guided-copies
+	$(BIN)/python -m model round-study --data decoy-digits \
 		--out docs/results/gate-study/decoy-digits-paper --work-dir runs/round-study \
 		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
 		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200

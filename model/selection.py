@@ -12,6 +12,9 @@ N. Nothing here knows where the tasks live.
 - ``map-disagreement``: the model's maps least like any map annotators left on a corrected task
   of the class it predicts first (where it looks where people have not said to look), tasks of
   a class with no corrected map before them, least confident first;
+- ``class-balanced``: least confident first within each class the model predicts, the classes
+  taking turns (the class holding the least confident task first), so that a round's human maps
+  cover every class instead of bunching on the one the model finds hardest;
 - ``random``: the baseline every other strategy must beat, seeded.
 """
 
@@ -20,13 +23,21 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import numpy as np
 from PIL import Image
 
 from model.errors import UserError
 
-STRATEGIES = ("least-confident", "misclassified", "map-entropy", "map-disagreement", "random")
+STRATEGIES = (
+    "least-confident",
+    "misclassified",
+    "map-entropy",
+    "map-disagreement",
+    "class-balanced",
+    "random",
+)
 COMPARED_SIZE = 16
 """Maps of any size are compared on a COMPARED_SIZE square grid: coarse enough that a brush at
 full image size and a target at the map's size meet, fine enough to tell where a map looks."""
@@ -118,6 +129,14 @@ def select(
             for c in with_map
         }
         ranked = sorted(with_map, key=lambda c: (-far[c.task_id], c.score, c.task_id))
+    elif strategy == "class-balanced":
+        by_predicted: dict[str, list[Candidate]] = {}
+        for c in by_score:
+            by_predicted.setdefault(c.predicted or "", []).append(c)
+        turns = zip_longest(
+            *sorted(by_predicted.values(), key=lambda q: (q[0].score, q[0].task_id))
+        )
+        ranked = [c for turn in turns for c in turn if c is not None]
     else:
         ranked = sorted(candidates, key=lambda c: c.task_id)
         random.Random(seed).shuffle(ranked)

@@ -55,6 +55,16 @@ def test_map_entropy_puts_the_most_spread_map_first() -> None:
         select([Candidate(4, 0.1, "a")], "map-entropy", 1)
 
 
+def test_class_balanced_takes_each_predicted_class_in_turn_least_confident_first() -> None:
+    pool = [Candidate(1, 0.10, "a"), Candidate(2, 0.15, "a"), Candidate(3, 0.20, "a"),
+            Candidate(4, 0.50, "b"), Candidate(5, 0.90, "b"), Candidate(6, 0.60, "c"),
+            Candidate(7, 0.30, None)]  # fmt: skip
+    assert ids(select(pool, "least-confident", 3)) == [1, 2, 3]  # all of class a
+    # Turns by each class's least confident task: a (0.10), the unpredicted (0.30), b, c.
+    assert ids(select(pool, "class-balanced", 7)) == [1, 7, 4, 6, 2, 5, 3]
+    assert ids(select(pool, "class-balanced", 3)) == [1, 7, 4]
+
+
 def test_bad_requests_are_refused() -> None:
     with pytest.raises(SelectionError, match="unknown strategy 'best'"):
         select(POOL, "best", 3)
