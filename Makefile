@@ -109,6 +109,11 @@ results: $(VENV)/.installed
 		--strategies random,class-balanced --rounds 5 --size 20 --seeds 0,1,2 \
 		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200 \
 		--counterfactuals 2 --learning-stages 1 --guided-copies
+	$(BIN)/python -m model round-study --data texture-shapes \
+		--out docs/results/round-study-balanced-texture-shapes --work-dir runs/round-study \
+		--strategies random,class-balanced --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 4 --replay 200 \
+		--counterfactuals 4 --learning-stages 1
 	$(BIN)/python -m model round-study --data decoy-digits \
 		--out docs/results/gate-study/decoy-digits-paper --work-dir runs/round-study \
 		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
