@@ -18,7 +18,7 @@ from model.losses import dont_look_loss
 from model.paper.decoy_digits import build_decoy_digits
 from model.paper.objectives import OBJECTIVES, counterfactual_dataset, follows, pooled_mcnemar
 from model.paper.shortcut import conflicting
-from model.paper.texture_shapes import CLASSES, build_texture_shapes, cue_conflicts
+from model.paper.texture_shapes import CLASSES, CueConflicts, build_texture_shapes, cue_conflicts
 from model.train import TrainConfig, finetune, freeze_trunk
 
 
@@ -138,8 +138,6 @@ class FollowsTheClassItIsTold(torch.nn.Module):
 
 
 def test_follows_counts_the_predictions_naming_each_cue() -> None:
-    from model.paper.texture_shapes import CueConflicts
-
     pictures = np.zeros((4, 64, 64, 3), dtype=np.uint8)
     pictures[:3, 0, 0] = 255  # the stand-in predicts classes[1] for these, classes[0] for the last
     classes = sorted(CLASSES)

@@ -69,18 +69,26 @@ def texture_crop(texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(patch.resize((CANVAS, CANVAS), Image.BILINEAR), dtype=np.float32)
 
 
+def shade(background: np.ndarray, mask: Image.Image, grey: float) -> np.ndarray:
+    """The shape in `grey` laid faintly over a grey `background`: H x W x 3, floats in 0-255."""
+    weight = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * SHAPE_ALPHA
+    picture = (1.0 - weight) * background[..., None] + weight * grey
+    return np.repeat(picture, 3, axis=2) if picture.shape[2] == 1 else picture
+
+
+def human_map(mask: Image.Image) -> Image.Image:
+    """The shape's human map: its mask, slightly dilated."""
+    return mask.filter(ImageFilter.MaxFilter(3))
+
+
 def render(
     kind: str, texture: np.ndarray, rng: np.random.Generator
 ) -> tuple[Image.Image, Image.Image]:
-    """One picture (RGB) and its human map (the shape, slightly dilated)."""
+    """One picture (RGB) and its human map."""
     background = texture_crop(texture, rng)
     mask = shape_mask(kind, rng)
-    weight = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * SHAPE_ALPHA
-    grey = float(rng.integers(200, 256))
-    picture = (1.0 - weight) * background[..., None] + weight * grey
-    picture = np.repeat(picture, 3, axis=2) if picture.shape[2] == 1 else picture
-    image = Image.fromarray(picture.clip(0, 255).astype(np.uint8))
-    return image, mask.filter(ImageFilter.MaxFilter(3))
+    picture = shade(background, mask, float(rng.integers(200, 256)))
+    return Image.fromarray(picture.clip(0, 255).astype(np.uint8)), human_map(mask)
 
 
 @dataclass(frozen=True)
@@ -101,14 +109,12 @@ def cue_conflicts(count: int = 800, seed: int = 0) -> CueConflicts:
     pictures, named = [], []
     for _ in range(count):
         kind, inside, outside = (int(k) for k in rng.permutation(len(CLASSES))[:3])
-        within = texture_crop(textures[inside], rng)[..., None]
+        within = texture_crop(textures[inside], rng)
         beyond = texture_crop(textures[outside], rng)[..., None]
         mask = shape_mask(CLASSES[kind], rng)
-        region = np.asarray(mask.filter(ImageFilter.MaxFilter(3)), dtype=np.float32)[..., None]
-        weight = np.asarray(mask, dtype=np.float32)[..., None] / 255.0 * SHAPE_ALPHA
-        shaded = (1.0 - weight) * within + weight * float(rng.integers(200, 256))
-        picture = np.where(region > 0, shaded, beyond)
-        pictures.append(np.repeat(picture, 3, axis=2).clip(0, 255).astype(np.uint8))
+        shaded = shade(within, mask, float(rng.integers(200, 256)))
+        region = np.asarray(human_map(mask))[..., None] > 0
+        pictures.append(np.where(region, shaded, beyond).clip(0, 255).astype(np.uint8))
         named.append((CLASSES[kind], CLASSES[inside], CLASSES[outside]))
     shape, inside, outside = (tuple(column) for column in zip(*named, strict=True))
     return CueConflicts(np.stack(pictures), shape, inside, outside)
