@@ -1,6 +1,6 @@
 """Datasets on disk: an ImageFolder split, plus the human maps that mirror it.
 
-Layout (docs/datasets.md)::
+Layout (README.md, "Dataset layout")::
 
     DIR/train/<class>/<name>.png|jpg      DIR/maps/train/<class>/<name>.png
     DIR/test/<class>/<name>.png|jpg       DIR/maps/test/<class>/<name>.png
