@@ -23,8 +23,13 @@ from model.maps import load_map_image
 from model.paper.decoy_digits import NAME as DECOY_DIGITS
 from model.paper.decoy_digits import build_decoy_digits
 from model.paper.objectives import OBJECTIVES
+from model.paper.texture_shapes import BACKGROUND_NAME as BACKGROUND_SHAPES
 from model.paper.texture_shapes import NAME as TEXTURE_SHAPES
-from model.paper.texture_shapes import build_texture_shapes, cue_conflicts
+from model.paper.texture_shapes import (
+    build_background_shapes,
+    build_texture_shapes,
+    cue_conflicts,
+)
 from model.resnet import ARCHITECTURES
 from model.train import DEFAULT_GAMMA, TrainConfig, finetune, train
 
@@ -32,7 +37,11 @@ log = logging.getLogger(__name__)
 
 BUILTIN_DATA_ROOT = Path("data")
 # The built-in shortcut datasets, generated offline under ./data on first use.
-BUILTIN_DATASETS = {DECOY_DIGITS: build_decoy_digits, TEXTURE_SHAPES: build_texture_shapes}
+BUILTIN_DATASETS = {
+    DECOY_DIGITS: build_decoy_digits,
+    TEXTURE_SHAPES: build_texture_shapes,
+    BACKGROUND_SHAPES: build_background_shapes,
+}
 # Those that also draw cue-conflict pictures (which cue a model follows).
 BUILTIN_CONFLICTS = {TEXTURE_SHAPES: cue_conflicts}
 
@@ -311,7 +320,7 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
 
 def add_round_study_options(p: argparse.ArgumentParser) -> None:
     """The options of ``round-study`` (model/round_study.py)."""
-    from model.round_study import StudySettings
+    from model.round_study import GATE_JUDGES, StudySettings
 
     d = StudySettings()
     p.add_argument("--data", required=True, help=f"dataset directory, or {DECOY_DIGITS}")
@@ -359,6 +368,13 @@ def add_round_study_options(p: argparse.ArgumentParser) -> None:
         default=d.finetune_lr,
         help="each round's learning rate (default: the first model's, 0.1 per 256 images)",
     )
+    p.add_argument(
+        "--follow-gate",
+        choices=GATE_JUDGES,
+        default=d.follow_gate,
+        help="drop each round this judge of the gate refuses, as a project does "
+        "(default: go on from every round)",
+    )
 
 
 def cmd_round_study(args: argparse.Namespace) -> None:
@@ -381,6 +397,7 @@ def cmd_round_study(args: argparse.Namespace) -> None:
         replay=args.replay,
         guided_copies=args.guided_copies,
         finetune_lr=args.finetune_lr,
+        follow_gate=args.follow_gate,
     )
     data = resolve_data(args.data)
     result = run_study(data, args.work_dir, settings)

@@ -21,6 +21,10 @@ split's counterfactual views (``counterfactual_views``), and, on a shortcut data
 The gate is asked of every round too, with the validation split as the project's held-out
 tasks, judging once on the tasks and once on their views: a project's held-out tasks share its
 shortcut, so the report counts which judge publishes the rounds that help where it misleads.
+By default the study goes on from every round, whatever the gate says; with `follow_gate`
+(``tasks`` or ``counterfactual``, as ``ABN_GATE_ON``) a round that judge refuses is dropped, as
+a project drops it: the next round starts again from the model before it, with the corrections
+made so far (they stay in the project), and the points are those of the model being served.
 
     python -m model round-study --data decoy-digits --out docs/results/round-study
 
@@ -70,6 +74,9 @@ from model.train import DEFAULT_GAMMA, TrainConfig, autocast, finetune, train
 
 log = logging.getLogger(__name__)
 
+# The judges a study can follow, named as ABN_GATE_ON names them.
+GATE_JUDGES = ("tasks", "counterfactual")
+
 
 @dataclass(frozen=True)
 class StudySettings:
@@ -91,6 +98,7 @@ class StudySettings:
     replay: int = 0  # uncorrected pool images each round also learns from, by class only
     guided_copies: bool = False  # copy every round example, cut by a guide's maps (model/round.py)
     finetune_lr: float | None = None  # each round's; None: the first model's (0.1 per 256)
+    follow_gate: str | None = None  # "tasks" or "counterfactual": drop the rounds it refuses
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,10 @@ class GateCall:
     published_on_views: bool
     shortcut_before: float | None
     shortcut_after: float | None
+
+    def published_by(self, judge: str) -> bool:
+        """The verdict of one judge, named as ``ABN_GATE_ON`` names it."""
+        return self.published_on_views if judge == "counterfactual" else self.published_on_tasks
 
 
 @dataclass
@@ -299,6 +311,7 @@ def run_strategy(
             pool.maps[index] * has_map.view(-1, 1, 1, 1),
             has_map,
         )
+        served = copy.deepcopy(model) if settings.follow_gate else model
         model, dataset = fine_tuning_set(
             model, meta, data, settings.counterfactual_copies,
             guided=settings.guided_copies, config=config, gamma=settings.gamma,
@@ -316,6 +329,9 @@ def run_strategy(
         )
         before, measured = measured, measure(model, val, device, 256)
         calls.append(gate_call(before, measured, strategy, seed, number))
+        if settings.follow_gate and not calls[-1].published_by(settings.follow_gate):
+            log.info("seed %d %s round %d: refused, dropped", seed, strategy, number)
+            model, measured = served, before
         points.append(point(number))
         p = points[-1]
         log.info(
@@ -354,6 +370,9 @@ def run_study(data_dir: str | Path, work_dir: str | Path, settings: StudySetting
         raise ValueError(f"replay must be 0 or more images, not {settings.replay}")
     if settings.finetune_lr is not None and not settings.finetune_lr > 0:
         raise ValueError(f"the rounds' learning rate must be above 0, not {settings.finetune_lr}")
+    if settings.follow_gate is not None and settings.follow_gate not in GATE_JUDGES:
+        judges = ", ".join(GATE_JUDGES)
+        raise ValueError(f"follow_gate is one of {judges}, not {settings.follow_gate!r}")
     if settings.guided_copies and not settings.counterfactual_copies:
         raise ValueError("guided copies need counterfactual copies (--counterfactuals 1 or more)")
     work_dir = Path(work_dir) / Path(data_dir).name  # a first model per dataset
@@ -514,16 +533,23 @@ def write_study(result: StudyResult, settings: StudySettings, out_dir: Path, com
         out_dir,
         "Active-learning strategies, simulated (oracle annotator)",
         intro,
-        gate_lines(result.gate_calls),
+        gate_lines(result.gate_calls, settings.follow_gate),
     )
 
 
-def gate_lines(calls: Sequence[GateCall]) -> list[str]:
+def gate_lines(calls: Sequence[GateCall], follow_gate: str | None = None) -> list[str]:
     """How each judge of the gate decided the study's rounds, against what each round did where
     the shortcut misleads (a shortcut dataset only)."""
     judged = [c for c in calls if c.shortcut_before is not None and c.shortcut_after is not None]
     if not judged:
         return []
+    judge = "the views" if follow_gate == "counterfactual" else "the tasks"
+    going_on = (
+        "the study goes on from a round whichever the verdict"
+        if follow_gate is None
+        else f"a round refused on {judge} was dropped and the next one started from the model "
+        "before it"
+    )
     lines = [
         "## The gate on these rounds",
         "",
@@ -549,7 +575,7 @@ def gate_lines(calls: Sequence[GateCall]) -> list[str]:
     lines += [
         "",
         "By round (a round is judged against the model before it, over every strategy and "
-        "seed; the study goes on from a round whichever the verdict):",
+        f"seed; {going_on}):",
         "",
         "| round | rounds | helps where misled | published on tasks | published on views |",
         "|---|---|---|---|---|",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from skimage import data as skdata
 
 from model import build_abn
 from model.abn import ABNOutput
@@ -18,7 +19,15 @@ from model.losses import dont_look_loss
 from model.paper.decoy_digits import build_decoy_digits
 from model.paper.objectives import OBJECTIVES, counterfactual_dataset, follows, pooled_mcnemar
 from model.paper.shortcut import conflicting
-from model.paper.texture_shapes import CLASSES, CueConflicts, build_texture_shapes, cue_conflicts
+from model.paper.texture_shapes import (
+    CLASSES,
+    TEXTURES,
+    CueConflicts,
+    build_background_shapes,
+    build_texture_shapes,
+    cue_conflicts,
+    render,
+)
 from model.train import TrainConfig, finetune, freeze_trunk
 
 
@@ -113,6 +122,30 @@ def test_texture_shapes_is_deterministic_and_records_its_cues(tmp_path: Path) ->
     free = build_texture_shapes(tmp_path / "free", correlation=0.0)
     assert 0.65 < conflicting(list_samples(free, "train", classes), classes).mean() < 0.85
     assert list_samples(data, "train", classes)[0].map is not None
+
+
+def test_background_shapes_keeps_the_class_texture_out_of_the_human_map(tmp_path: Path) -> None:
+    textures = [np.asarray(getattr(skdata, name)(), dtype=np.uint8) for name in TEXTURES[:2]]
+    drawn = [render("disc", t, np.random.default_rng(5), plain_inside=True) for t in textures]
+    (first, region), (second, same_region) = drawn
+    inside = np.asarray(region) > 0
+    assert np.array_equal(inside, np.asarray(same_region) > 0) and 0 < inside.mean() < 0.5
+    a, b = np.asarray(first), np.asarray(second)
+    # Inside the map the picture is the same whichever the texture; outside it is the texture.
+    assert np.array_equal(a[inside], b[inside])
+    assert np.abs(a[~inside].astype(int) - b[~inside]).mean() > 10
+    textured, _ = render("disc", textures[0], np.random.default_rng(5))
+    assert not np.array_equal(np.asarray(textured)[inside], a[inside])
+
+    data = build_background_shapes(tmp_path / "bg")
+    again = build_background_shapes(tmp_path / "bg-again")
+    assert (data / "train/disc/0000.png").read_bytes() == (
+        again / "train/disc/0000.png"
+    ).read_bytes()
+    assert json.loads((data / "dataset.json").read_text())["name"] == "background-shapes"
+    classes = sorted(CLASSES)
+    assert 0.03 < conflicting(list_samples(data, "train", classes), classes).mean() < 0.12
+    assert 0.65 < conflicting(list_samples(data, "test", classes), classes).mean() < 0.85
 
 
 def test_cue_conflict_pictures_set_shape_and_both_textures_against_each_other() -> None:

@@ -271,3 +271,35 @@ def test_the_gate_table_sets_each_judges_verdicts_against_the_misled_images() ->
     assert "| counterfactual views | 4 | 2 | 2 / 0 | 0 / 2 |" in lines
     assert "| 1 | 4 | 2 | 1 | 2 |" in lines  # the last call is of round 2, without a measure
     assert gate_lines(calls[-1:]) == []
+    assert any("whichever the verdict" in line for line in lines)
+    followed = " ".join(gate_lines(calls, follow_gate="counterfactual"))
+    assert "a round refused on the views was dropped" in followed
+    assert [c.published_by("tasks") for c in calls[:3]] == [False, False, True]
+    assert [c.published_by("counterfactual") for c in calls[:3]] == [True, True, False]
+
+
+def test_a_study_that_follows_the_gate_drops_each_refused_round(tmp_path: Path) -> None:
+    human = np.zeros((32, 32), dtype=np.uint8)
+    human[8:24, 8:24] = 255
+    data = make_image_dataset(tmp_path / "data", ["a", "b"], human, per_class=4)
+    settings = replace(SETTINGS, strategies=("least-confident",), rounds=2)
+
+    chained = run_study(data, tmp_path / "work", settings).points
+    followed = run_study(data, tmp_path / "work", replace(settings, follow_gate="tasks"))
+
+    # Two validation tasks are too few for the gate: it refuses both rounds, so the model
+    # served after them is the first one, while the corrections still add up.
+    assert [c.published_on_tasks for c in followed.gate_calls] == [False, False]
+    first = followed.points[0]
+    assert [p.corrections for p in followed.points] == [0, 2, 4]
+    for p in followed.points[1:]:
+        assert (p.accuracy, p.map_mse, p.counterfactual_accuracy) == (
+            first.accuracy, first.map_mse, first.counterfactual_accuracy,
+        )  # fmt: skip
+    # Without following it, the study goes on from each fine-tuned model.
+    assert chained[0].map_mse == first.map_mse
+    assert chained[2].map_mse != first.map_mse
+    with pytest.raises(
+        ValueError, match="follow_gate is one of tasks, counterfactual, not 'views'"
+    ):
+        run_study(data, tmp_path / "work", replace(settings, follow_gate="views"))

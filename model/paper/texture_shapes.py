@@ -12,6 +12,11 @@ The shape is drawn over the texture, not instead of it, so the texture shows ins
 map too. `cue_conflicts` makes pictures that tell which cue a model follows: the shape, the
 texture inside the shape's map, and the texture outside it each name a different class (after
 Geirhos et al.'s shape-texture cue-conflict images, 2019).
+
+`background-shapes` is the same dataset with the class's texture in the background only: the
+shape's human map is filled with plain noise, the same for every class, before the shape is
+shaded over it. Its cue lies wholly outside the map, as `decoy-digits`' patch does, but covers
+most of the picture; it tells a cue a map can point away from from one it cannot.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from model.paper.shortcut import CUES_FILE
 log = logging.getLogger(__name__)
 
 NAME = "texture-shapes"
+BACKGROUND_NAME = "background-shapes"
 CANVAS = 64
 CLASSES = ("disc", "square", "triangle", "cross")
 TEXTURES = ("brick", "grass", "gravel", "moon")
@@ -81,14 +87,24 @@ def human_map(mask: Image.Image) -> Image.Image:
     return mask.filter(ImageFilter.MaxFilter(3))
 
 
+def plain_noise(rng: np.random.Generator) -> np.ndarray:
+    """A CANVAS x CANVAS grey field of uniform noise around mid-grey that names no class."""
+    return rng.uniform(64.0, 192.0, size=(CANVAS, CANVAS)).astype(np.float32)
+
+
 def render(
-    kind: str, texture: np.ndarray, rng: np.random.Generator
+    kind: str, texture: np.ndarray, rng: np.random.Generator, plain_inside: bool = False
 ) -> tuple[Image.Image, Image.Image]:
-    """One picture (RGB) and its human map."""
+    """One picture (RGB) and its human map; with `plain_inside` the map holds plain noise in
+    place of the texture, so the texture is only in the background."""
     background = texture_crop(texture, rng)
     mask = shape_mask(kind, rng)
+    region = human_map(mask)
+    if plain_inside:
+        inside = np.asarray(region, dtype=bool)
+        background = np.where(inside, plain_noise(rng), background)
     picture = shade(background, mask, float(rng.integers(200, 256)))
-    return Image.fromarray(picture.clip(0, 255).astype(np.uint8)), human_map(mask)
+    return Image.fromarray(picture.clip(0, 255).astype(np.uint8)), region
 
 
 @dataclass(frozen=True)
@@ -120,11 +136,15 @@ def cue_conflicts(count: int = 800, seed: int = 0) -> CueConflicts:
     return CueConflicts(np.stack(pictures), shape, inside, outside)
 
 
-def build_texture_shapes(out_dir: str | Path, correlation: float = 0.9, seed: int = 0) -> Path:
-    """Write the dataset in the on-disk layout; the same seed gives the same bytes."""
+def build_texture_shapes(
+    out_dir: str | Path, correlation: float = 0.9, seed: int = 0, plain_inside: bool = False
+) -> Path:
+    """Write the dataset in the on-disk layout; the same seed gives the same bytes. With
+    `plain_inside` it is `background-shapes` (see the module's docstring)."""
     out_dir = Path(out_dir)
     marker = out_dir / "dataset.json"
-    settings = {"name": NAME, "correlation": correlation, "seed": seed, "canvas": CANVAS}
+    dataset_name = BACKGROUND_NAME if plain_inside else NAME
+    settings = {"name": dataset_name, "correlation": correlation, "seed": seed, "canvas": CANVAS}
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return out_dir
     textures = [np.asarray(getattr(skdata, name)(), dtype=np.uint8) for name in TEXTURES]
@@ -132,10 +152,12 @@ def build_texture_shapes(out_dir: str | Path, correlation: float = 0.9, seed: in
     cues: dict[str, str] = {}
     for split, per_class in (("train", TRAIN_PER_CLASS), ("test", TEST_PER_CLASS)):
         items = [(label, n) for label in range(len(CLASSES)) for n in range(per_class)]
-        for label, n in tqdm(items, desc=f"{NAME} {split}", unit="img", leave=False, disable=None):
+        for label, n in tqdm(
+            items, desc=f"{dataset_name} {split}", unit="img", leave=False, disable=None
+        ):
             shortcut = split == "train" and rng.random() < correlation
             cue = label if shortcut else int(rng.integers(len(TEXTURES)))
-            image, human = render(CLASSES[label], textures[cue], rng)
+            image, human = render(CLASSES[label], textures[cue], rng, plain_inside)
             name = f"{split}/{CLASSES[label]}/{n:04d}.png"
             for root, picture in ((out_dir, image), (out_dir / "maps", human)):
                 (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -143,5 +165,10 @@ def build_texture_shapes(out_dir: str | Path, correlation: float = 0.9, seed: in
             cues[name] = CLASSES[cue]
     (out_dir / CUES_FILE).write_text(json.dumps(cues, sort_keys=True))
     marker.write_text(json.dumps(settings))
-    log.info("wrote %s to %s", NAME, out_dir)
+    log.info("wrote %s to %s", dataset_name, out_dir)
     return out_dir
+
+
+def build_background_shapes(out_dir: str | Path, correlation: float = 0.9, seed: int = 0) -> Path:
+    """`background-shapes`: `texture-shapes` with plain noise inside every human map."""
+    return build_texture_shapes(out_dir, correlation, seed, plain_inside=True)
