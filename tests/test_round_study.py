@@ -303,3 +303,29 @@ def test_a_study_that_follows_the_gate_drops_each_refused_round(tmp_path: Path) 
         ValueError, match="follow_gate is one of tasks, counterfactual, not 'views'"
     ):
         run_study(data, tmp_path / "work", replace(settings, follow_gate="views"))
+
+
+def test_the_command_line_passes_the_judge_to_follow_and_refuses_an_unknown_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.cli import main
+
+    human = np.zeros((32, 32), dtype=np.uint8)
+    human[8:24, 8:24] = 255
+    data = make_image_dataset(tmp_path / "data", ["a", "b"], human, per_class=4)
+    tiny = ["round-study", "--data", str(data), "--work-dir", str(tmp_path / "work"),
+            "--strategies", "random", "--rounds", "1", "--size", "2", "--seeds", "0",
+            "--epochs", "1", "--finetune-epochs", "1", "--image-size", "32",
+            "--batch-size", "4", "--fraction", "0.25", "--device", "cpu"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main([*tiny, "--out", str(tmp_path / "bad"), "--follow-gate", "views"])
+    assert exit_info.value.code == 2 and "invalid choice: 'views'" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
+
+    main([*tiny, "--out", str(tmp_path / "report"), "--follow-gate", "counterfactual"])
+    saved = json.loads((tmp_path / "report" / "points.json").read_text())
+    assert saved["settings"]["follow_gate"] == "counterfactual"
+    # Two validation tasks are too few for either judge: the round is dropped.
+    [before, after] = saved["points"]
+    assert after["corrections"] == 2 and after["map_mse"] == before["map_mse"]
+    assert "follow_gate=counterfactual" in (tmp_path / "report" / "report.md").read_text()

@@ -1,11 +1,11 @@
 """Shortcut datasets: which class each image's cue names, and accuracy split by it.
 
-A shortcut dataset (``decoy-digits``, ``texture-shapes``) records, per image, the class its cue
-(a coloured patch, a background texture) points to, in ``cues.json`` at the dataset's root. In
-TRAIN the cue mostly names the label; in the test split it is random. Splitting accuracy by
-whether the cue names another class ("conflicting") tells whether a network learnt the shortcut
-that the human maps are meant to correct: a network that uses it is right much less often on
-conflicting images.
+A shortcut dataset (``decoy-digits``, ``texture-shapes``, ``background-shapes``) records, per
+image, the class its cue (a coloured patch, a texture) points to, in ``cues.json`` at the
+dataset's root. In TRAIN the cue mostly names the label; in the test split it is random.
+Splitting accuracy by whether the cue names another class ("conflicting") tells whether a
+network learnt the shortcut that the human maps are meant to correct: a network that uses it is
+right much less often on conflicting images.
 """
 
 from __future__ import annotations
