@@ -128,6 +128,20 @@ results: $(VENV)/.installed
 		--objective dont-look --objective counterfactual-layer3 \
 		--objective counterfactual-propagated --seeds 0,1,2 --epochs 4 \
 		--finetune-epochs 4 --image-size 64
+	$(BIN)/python -m model round-study --data decoy-digits \
+		--out docs/results/gate-study/decoy-digits-guided-follow-tasks --work-dir runs/round-study \
+		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200 \
+		--counterfactuals 2 --learning-stages 1 --guided-copies --follow-gate tasks
+	$(BIN)/python -m model round-study --data decoy-digits \
+		--out docs/results/gate-study/decoy-digits-guided-follow-views --work-dir runs/round-study \
+		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 10 --replay 200 \
+		--counterfactuals 2 --learning-stages 1 --guided-copies --follow-gate counterfactual
+	$(BIN)/python -m model reproduce --data background-shapes \
+		--out docs/results/objectives/background-shapes --objective counterfactual \
+		--objective counterfactual-layer3 --objective counterfactual-propagated \
+		--seeds 0,1,2 --epochs 4 --finetune-epochs 4 --image-size 64
 	$(BIN)/python -m model reproduce --data decoy-digits \
 		--out docs/results/objectives/decoy-digits --objective counterfactual \
 		--objective dont-look --objective counterfactual-layer3 \
