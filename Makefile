@@ -142,6 +142,11 @@ results: $(VENV)/.installed
 		--out docs/results/objectives/background-shapes --objective counterfactual \
 		--objective counterfactual-layer3 --objective counterfactual-propagated \
 		--seeds 0,1,2 --epochs 4 --finetune-epochs 4 --image-size 64
+	$(BIN)/python -m model round-study --data background-shapes \
+		--out docs/results/gate-study/background-shapes --work-dir runs/round-study \
+		--strategies random,map-disagreement --rounds 5 --size 20 --seeds 0,1,2 \
+		--finetune-epochs 4 --image-size 64 --device cpu --epochs 4 --replay 200 \
+		--counterfactuals 4 --learning-stages 1
 	$(BIN)/python -m model reproduce --data decoy-digits \
 		--out docs/results/objectives/decoy-digits --objective counterfactual \
 		--objective dont-look --objective counterfactual-layer3 \
